@@ -1,0 +1,239 @@
+"""Collectives that move compressed payloads and return the average over ranks.
+
+Every function here takes one flat float32 tensor (this rank's contribution), issues its
+collectives from the calling thread in a fixed order (so gloo sees the same sequence on every
+rank), records each one in the :class:`~lightning_compress.comm.ledger.BitLedger`, and returns
+the average over ranks. The result is bit-identical on every rank: each rank decodes the same
+received bytes in the same order.
+
+What crosses the network is always the packed payload (``Payload.to_bytes()``: uint8 codes,
+indices, scales, sketch tables), never a decoded float tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_compress.comm.ledger import (
+    BitLedger,
+    all_gather_wire_bytes,
+    all_to_all_wire_bytes,
+    allreduce_wire_bytes,
+)
+from lightning_compress.compressors.base import Compressor
+
+ProcessGroup = dist.ProcessGroup
+# torch >= 2.10 names it all_gather_single and deprecates all_gather_into_tensor
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+@dataclass
+class ExchangeResult:
+    """The average over ranks, plus what this rank needs for its own memory.
+
+    Attributes:
+        average: the decoded average, identical on every rank.
+        local: this rank's own decoded contribution (``Δ`` of error feedback), when asked for.
+        applied: for sketches, the coordinates that were applied (their memory is reset).
+
+    """
+
+    average: Tensor
+    local: Tensor | None = None
+    applied: Tensor | None = None
+
+
+def _world(group: ProcessGroup | None) -> int:
+    return dist.get_world_size(group)
+
+
+def allreduce_mean(x: Tensor, group: ProcessGroup | None, ledger: BitLedger | None) -> Tensor:
+    """Dense float allreduce (in place) divided by the world size: the uncompressed baseline."""
+    world = _world(group)
+    dist.all_reduce(x, group=group)
+    if ledger is not None:
+        nbytes = x.numel() * x.element_size()
+        ledger.record(nbytes, allreduce_wire_bytes(nbytes, world))
+    return x.div_(world)
+
+
+def two_phase_allreduce(
+    compressor: Compressor,
+    x: Tensor,
+    group: ProcessGroup | None,
+    ledger: BitLedger | None,
+    generator: torch.Generator | None = None,
+    want_local: bool = False,
+) -> ExchangeResult:
+    """Compressed allreduce in two phases, for fixed-size payloads (quantizers).
+
+    1. Cut ``x`` into ``W`` equal shards (zero-padded) and compress each one.
+    2. All-to-all: rank ``r`` receives every rank's payload of shard ``r``.
+    3. Rank ``r`` decodes and averages its shard, then re-compresses the average (stochastic
+       rounding keeps it unbiased).
+    4. All-gather of the re-compressed shards; every rank decodes all of them.
+
+    Each rank sends about ``2·(W−1)/W·d·B/8`` bytes whatever ``W`` is, like a ring allreduce of
+    ``B``-bit values, whereas gathering every rank's full payload would grow as ``(W−1)·d·B/8``.
+    """
+    world = _world(group)
+    n = x.numel()
+    shard = -(-n // world)
+    padded = x if shard * world == n else torch.nn.functional.pad(x, (0, shard * world - n))
+
+    # 1. compress every shard; equal shard sizes give equal payload sizes
+    payloads = [compressor.compress(padded[r * shard : (r + 1) * shard], generator) for r in range(world)]
+    send = torch.cat([p.to_bytes() for p in payloads])
+    chunk = send.numel() // world
+    if ledger is not None:
+        ledger.record_coords(n, payloads[0].nbytes * world, world)
+
+    # 2. all-to-all of compressed shards
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    if ledger is not None:
+        ledger.record(send.numel(), all_to_all_wire_bytes(send.numel(), world))
+
+    # 3. decode-and-average the shard this rank owns, re-compress it
+    mine = torch.zeros(shard, dtype=torch.float32, device=x.device)
+    for r in range(world):
+        mine += compressor.decompress(
+            compressor.from_bytes(recv[r * chunk : (r + 1) * chunk], (shard,), torch.float32)
+        )
+    mine /= world
+    reduced = compressor.compress(mine, generator).to_bytes()
+
+    # 4. all-gather of the re-compressed shards, decoded identically on every rank
+    gathered = torch.empty(world * reduced.numel(), dtype=torch.uint8, device=x.device)
+    _all_gather_single(gathered, reduced, group=group)
+    if ledger is not None:
+        ledger.record(reduced.numel(), all_gather_wire_bytes(reduced.numel(), world))
+    step = reduced.numel()
+    average = torch.cat(
+        [
+            compressor.decompress(
+                compressor.from_bytes(gathered[r * step : (r + 1) * step], (shard,), torch.float32)
+            )
+            for r in range(world)
+        ]
+    )[:n]
+
+    local = None
+    if want_local:
+        local = torch.cat([compressor.decompress(p) for p in payloads])[:n]
+    return ExchangeResult(average, local)
+
+
+def sparse_allgather(
+    compressor: Compressor,
+    x: Tensor,
+    group: ProcessGroup | None,
+    ledger: BitLedger | None,
+    generator: torch.Generator | None = None,
+    want_local: bool = False,
+) -> ExchangeResult:
+    """All-gather of every rank's sparse payload (values + indices), summed densely.
+
+    Sparse payloads of different ranks hit different coordinates, so they cannot be reduced on
+    the way: each rank receives all ``W`` payloads and its traffic grows as ``(W−1)·k`` values
+    and indices. That is cheaper than a dense allreduce while ``W·k·(value + index bytes) <
+    2·d·4``, i.e. for Top-K at 1 % up to a few hundred ranks.
+    """
+    world = _world(group)
+    n = x.numel()
+    payload = compressor.compress(x, generator)
+    send = payload.to_bytes()
+    if ledger is not None:
+        ledger.record_coords(n, payload.nbytes, world)
+    gathered = torch.empty(world * send.numel(), dtype=torch.uint8, device=x.device)
+    _all_gather_single(gathered, send, group=group)
+    if ledger is not None:
+        ledger.record(send.numel(), all_gather_wire_bytes(send.numel(), world))
+
+    total = torch.zeros(n, dtype=torch.float32, device=x.device)
+    step = send.numel()
+    scatter_add = getattr(compressor, "scatter_add_into", None)
+    # one payload at a time, in rank order: every rank adds in the same order (bit-identical
+    # results), and indices are unique inside one payload (no atomic races on CUDA)
+    for r in range(world):
+        received = compressor.from_bytes(gathered[r * step : (r + 1) * step], (n,), torch.float32)
+        if scatter_add is not None:
+            scatter_add(total, received)
+        else:
+            total += compressor.decompress(received).reshape(-1).to(torch.float32)
+    total /= world
+    local = compressor.decompress(payload).reshape(-1).to(torch.float32) if want_local else None
+    return ExchangeResult(total, local)
+
+
+def sketch_allreduce(
+    compressor: Compressor,
+    v: Tensor,
+    group: ProcessGroup | None,
+    ledger: BitLedger | None,
+) -> ExchangeResult:
+    """Sketched SGD's exchange (Ivkin et al., arXiv 1903.04488, Alg. 1, lines 6-10).
+
+    1. Sketch this rank's accumulated vector ``v``; sketches are linear, so one allreduce of the
+       ``rows × cols`` tables yields the sketch of the sum.
+    2. Recover the ``P·k`` candidate heavy coordinates from the summed sketch.
+    3. Second round: allreduce the exact values of ``v`` at the candidates.
+    4. Keep the ``k`` largest of those exact sums: the update, averaged over ranks.
+
+    ``applied`` holds the ``k`` coordinates, whose momentum and error the caller resets.
+    """
+    world = _world(group)
+    n = v.numel()
+    sketch = compressor.sketch
+    table = sketch(v).contiguous()
+    k = compressor.k_for(n)  # type: ignore[attr-defined]
+    # 1. allreduce the sketch tables
+    dist.all_reduce(table, group=group)
+    if ledger is not None:
+        nbytes = table.numel() * table.element_size()
+        ledger.record(nbytes, allreduce_wire_bytes(nbytes, world))
+    # 2. candidates from the summed sketch (identical on every rank)
+    candidates = compressor.candidates(table, n)  # type: ignore[attr-defined]
+    # 3. exact values at the candidates
+    exact = v[candidates].to(torch.float32).contiguous()
+    dist.all_reduce(exact, group=group)
+    if ledger is not None:
+        nbytes = exact.numel() * exact.element_size()
+        ledger.record(nbytes, allreduce_wire_bytes(nbytes, world))
+        ledger.record_coords(n, compressor.payload_nbytes(n) + nbytes, world)
+    # 4. top-k of the exact sums
+    top = torch.topk(exact.abs(), min(k, exact.numel()), sorted=False).indices
+    applied = candidates[top]
+    average = torch.zeros(n, dtype=torch.float32, device=v.device)
+    average[applied] = exact[top] / world
+    return ExchangeResult(average, None, applied)
+
+
+def exchange(
+    compressor: Compressor,
+    x: Tensor,
+    group: ProcessGroup | None,
+    ledger: BitLedger | None,
+    generator: torch.Generator | None = None,
+    want_local: bool = False,
+) -> ExchangeResult:
+    """Average ``x`` over ranks with the collective that fits ``compressor.exchange``."""
+    kind = compressor.exchange
+    if kind == "allreduce":
+        y = x.to(torch.float32, copy=True)
+        if ledger is not None:
+            ledger.record_coords(x.numel(), compressor.payload_nbytes(x.numel()), _world(group))
+        return ExchangeResult(allreduce_mean(y, group, ledger), x.to(torch.float32) if want_local else None)
+    if kind == "two_phase":
+        return two_phase_allreduce(compressor, x, group, ledger, generator, want_local)
+    if kind == "allgather":
+        return sparse_allgather(compressor, x, group, ledger, generator, want_local)
+    if kind == "sketch":
+        return sketch_allreduce(compressor, x, group, ledger)
+    raise ValueError(
+        f"{type(compressor).__name__}.exchange={kind!r} is not one of allreduce, two_phase, allgather, sketch"
+    )
