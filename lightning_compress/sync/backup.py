@@ -1,0 +1,705 @@
+"""Synchronous SGD with backup workers (Chen, Pan, Monga, Bengio, Jozefowicz; arXiv 1604.00981).
+
+With ``W = N + b`` ranks, every optimizer step averages the gradients of the **first** ``N`` ranks
+to finish their backward pass and drops the other ``b``; a gradient computed for step ``s`` is
+never applied at any other step (stale gradients are dropped, as in the paper). One slow machine
+then no longer sets the pace: a step waits for the ``N``-th fastest rank, not the slowest.
+
+Design: first-N exchange through the c10d Store
+==============================================
+
+A plain collective (allreduce, all-gather, broadcast) waits for every member of its group, so the
+straggler must not be a participant of any blocking collective of the step. Three designs were
+weighed (see ``docs/backup_workers.md``):
+
+- contributors run the usual compressed collective in a *sub-group* of the ``N`` ranks that
+  arrived first: needs a process group per possible contributor set (``C(W, b)`` of them,
+  each a full gloo mesh or NCCL communicator), plus a side channel for the late ranks;
+- a root gathers the first ``N`` payloads with point-to-point messages and broadcasts: the
+  broadcast is again a collective over everyone (gloo's root blocks until every receiver has
+  posted its receive; measured), so the root, and everyone after it, waits for the straggler;
+- **every payload goes through the Store** (implemented): no collective at all during a step.
+
+The step protocol, for optimizer step ``s``, on every rank (``store`` is the default process
+group's ``TCPStore`` under a per-``fit`` prefix):
+
+0. *Bounded lag.* Wait until every rank has finished step ``s - max_lag`` (a key set by the
+   last rank to finish it). Fast ranks may run up to ``max_lag`` steps ahead of a straggler;
+   this bounds the payloads the store holds and turns a dead rank into a loud timeout.
+1. *Late already?* Read the arrival counter of step ``s``. If ``N`` ranks have already arrived,
+   this rank's gradient would be dropped: it skips ``training_step`` and backward for this step
+   (Lightning's closure is not run) and only applies the aggregate. That is how a rank that fell
+   behind catches up: it replays the steps it missed at the cost of an optimizer step each,
+   like a worker of the paper's parameter server that fetches the newest parameters. (Not in
+   the first two steps of a fit: DDP's one-time bucket rebuild is a broadcast every rank must
+   reach from a computed backward.)
+2. *Compute and arrive.* Run the closure (forward and backward; the DDP comm hook leaves the
+   gradients local), then take a ticket with the store's atomic ``add(f"{s}/arrive", 1)``. The
+   counter is the single authority: tickets ``1..N`` are the contributors, the same set on
+   every rank, decided without any rank having to agree with any other.
+3. *Post.* A contributor encodes its gradient: tensors below ``min_compression_size`` (and every
+   tensor during ``warmup_steps``) as float32, the others with the strategy's codec
+   (``compress`` → ``Payload.to_bytes()``, error feedback as configured), and sets it under
+   ``f"{s}/g/{ticket}"`` (values above 4 MiB are chunked: the store caps a message at 8 MiB).
+   A late rank posts nothing, and leaves its error-feedback memory untouched: its gradient is
+   dropped, not deferred. A gradient holding NaN/Inf is posted as a flag instead (the
+   strategy's ``nonfinite``): every rank reads it, so all skip the step, or all raise.
+4. *Aggregate.* Every rank, contributor or not, waits for the ``N`` payloads, decodes them and
+   sums them **in rank order**, divides by ``N``, and writes the average into ``.grad``. All
+   ranks decode the same bytes in the same order, so the average, hence the parameters after
+   ``optimizer.step``, are bit-identical everywhere; gradient clipping and
+   ``on_before_optimizer_step`` see the average, as with DDP.
+5. *Finish.* Count this rank as done with step ``s``; the last of the ``W`` ranks deletes the
+   step's keys and marks the step finished (step 0).
+
+Costs, honestly:
+
+- **Bytes through the master.** The store server runs in rank 0's process. Per step it
+  receives ``N·P`` bytes (``P``: one encoded gradient) and sends ``W·N·P``: traffic grows as
+  ``W·N`` and all of it crosses one host, whereas a ring allreduce spreads ``2·d·4`` bytes per
+  rank. Use a codec (8-bit QSGD: ``P ≈ d``; Top-K 1 %: ``P ≈ 0.06·d``) and keep this design to
+  models whose ``W·N·P`` per step the master's link carries easily (tens of MB); here a
+  ``TCPStore`` on localhost took about 1 s to take in 24 MiB and hand it back. The ledger counts
+  what *this* rank sends (its payload, once), not the master's fan-out.
+- **Latency.** About eight store round trips per step (peek, ticket, post, wait, read, finish,
+  lag check, SIGTERM flag), tens of microseconds each on one host, ~0.1-1 ms on a cluster.
+- **Wasted work.** ``b`` gradients per step are computed and dropped (unless a rank is late
+  enough to skip), so each step averages ``N`` gradients: the effective batch is ``N·B``.
+- **Store memory.** At most ``(max_lag + 1)·N·P`` bytes of payloads on the master.
+- **GPU (NCCL).** Payloads go device → host → store → host → device; there are no NCCL calls in
+  the step, which is why it cannot deadlock there either (tested on CPU/gloo only).
+
+What else must not couple the ranks: Lightning (2.6) broadcasts a SIGTERM flag from rank 0 at
+every training batch, and gloo's broadcast blocks the root until every rank has joined, which
+would make the straggler set the pace again. :meth:`BackupWorkers.setup` replaces that broadcast
+with a store flag (same behaviour: every rank raises ``SIGTERMException`` once rank 0 received
+SIGTERM); and ``fit`` ends with a barrier, so that rank 0, which serves the store, does not
+leave while a slower rank still reads its last steps. DDP's buffer broadcast before every
+forward (models with buffers, e.g. BatchNorm, under ``broadcast_buffers=True``),
+``self.log(..., sync_dist=True)`` in ``training_step``, ``SyncBatchNorm`` and the ``Timer``
+callback are collectives too: they do not deadlock (every rank issues them in the same order),
+but the fast ranks wait for the slow one there. A warning names the buffer case at setup.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import struct
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_compress.sync.base import SyncSchedule
+
+if TYPE_CHECKING:
+    from torch.optim import Optimizer
+
+    from lightning_compress.compressors import Compressor
+    from lightning_compress.strategy import CompressedDDP
+
+log = logging.getLogger(__name__)
+
+#: the TCPStore (libuv backend) rejects messages above 8 MiB; payloads travel in chunks of this size
+_CHUNK = 4 << 20
+_MAGIC = b"BKW1"
+# magic, step, rank, flags, dense numel, compressed numel, codec-settings length
+_HEADER = struct.Struct("<4sqiiqqi")
+_WARM = 1  # flag: every tensor sent as float32 (warm-up step)
+_NONFINITE = 2  # flag: the sender's gradient holds NaN/Inf; no body follows
+_COUNT = struct.Struct("<q")
+# DDP rebuilds its buckets at the first forward after the first backward of a new wrapper, with a
+# broadcast from rank 0 that every rank must join: a rank that skipped that backward would join
+# one step later, while the others wait in the broadcast for it and it waits for their
+# contributions. So no rank skips a step's compute during the first steps of each fit.
+_NO_SKIP_STEPS = 2
+
+
+def _seconds(timeout: float | datetime.timedelta | None) -> float | None:
+    if timeout is None:
+        return None
+    if isinstance(timeout, datetime.timedelta):
+        timeout = timeout.total_seconds()
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ValueError(f"timeout must be > 0 seconds (float or timedelta) or None, got {timeout!r}")
+    return float(timeout)
+
+
+class FirstNExchange:
+    """First-``N``-of-``W`` exchange of byte payloads through a c10d ``Store`` (no collectives).
+
+    The protocol of :class:`BackupWorkers` (module docstring, steps 0-5) without Lightning or
+    codecs, usable on any process group whose store all ranks share. Every rank calls, per step
+    ``s`` and in this order: :meth:`wait_lag`, optionally :meth:`closed`, then :meth:`arrive` (or
+    not, when it skips the step), :meth:`post` if its ticket is ``<= contributors``,
+    :meth:`collect`, :meth:`finish`.
+
+    Args:
+        store: a store every rank reaches (e.g. ``dist.distributed_c10d._get_default_store()``),
+            already prefixed so that its keys belong to this run.
+        rank: this rank.
+        world_size: ``W``.
+        contributors: ``N``, the number of payloads aggregated per step (``1 <= N <= W``).
+        timeout: seconds any wait may take before it fails with a ``RuntimeError`` naming the
+            step and the missing ranks.
+        max_lag: how many steps the fastest rank may be ahead of the slowest (>= 1).
+
+    """
+
+    def __init__(
+        self, store: dist.Store, rank: int, world_size: int, contributors: int, timeout: float, max_lag: int
+    ) -> None:
+        if not 1 <= contributors <= world_size:
+            raise ValueError(f"contributors must be in [1, world_size={world_size}], got {contributors}")
+        self.store = store
+        self.rank = rank
+        self.world_size = world_size
+        self.contributors = contributors
+        self.timeout = timeout
+        self.max_lag = max_lag
+
+    def _wait(self, keys: list[str], what: Callable[[], str]) -> None:
+        try:
+            self.store.wait(keys, datetime.timedelta(seconds=self.timeout))
+        except (dist.DistStoreError, RuntimeError) as err:
+            message = f"BackupWorkers (rank {self.rank}): {what()} within {self.timeout:g} s: {err}"
+            raise RuntimeError(message) from err
+
+    def positions(self) -> dict[int, int]:
+        """Return the last step each rank finished (-1: none yet), for error messages and debugging."""
+        keys = [f"pos/{r}" for r in range(self.world_size)]
+        out = {}
+        for r, key in enumerate(keys):
+            out[r] = int(self.store.get(key)) if self.store.check([key]) else -1
+        return out
+
+    # 0. bounded lag
+    def wait_lag(self, step: int) -> None:
+        """Block until every rank has finished step ``step - max_lag``."""
+        old = step - self.max_lag
+        if old < 0:
+            return
+
+        def what() -> str:
+            behind = {r: p for r, p in self.positions().items() if p < old}
+            return (
+                f"step {step} may not start before every rank finished step {old} (max_lag={self.max_lag}); "
+                f"ranks behind, with the last step they finished: {behind} (dead or stalled?)"
+            )
+
+        self._wait([f"{old}/done"], what)
+
+    # 1. late already?
+    def closed(self, step: int) -> bool:
+        """Whether ``contributors`` ranks have already arrived at ``step`` (so this one would be dropped)."""
+        return self.store.add(f"{step}/arrive", 0) >= self.contributors
+
+    # 2. arrive
+    def arrive(self, step: int) -> int:
+        """Take a ticket for ``step``: ``1..contributors`` contribute, later tickets are dropped."""
+        return int(self.store.add(f"{step}/arrive", 1))
+
+    # 3. post
+    def post(self, step: int, ticket: int, payload: bytes) -> int:
+        """Publish a contributor's payload; returns the bytes sent to the store."""
+        if not 1 <= ticket <= self.contributors:
+            raise ValueError(f"ticket {ticket} of step {step} is not a contributor's, 1..{self.contributors}")
+        chunks = [payload[i : i + _CHUNK] for i in range(0, max(len(payload), 1), _CHUNK)]
+        for i, chunk in enumerate(chunks[1:], start=1):
+            self.store.set(f"{step}/g/{ticket}/{i}", chunk)
+        # the head goes last: once it exists, every chunk does
+        self.store.set(f"{step}/g/{ticket}", _COUNT.pack(len(chunks)) + chunks[0])
+        return len(payload) + _COUNT.size
+
+    # 4. collect
+    def collect(self, step: int) -> list[bytes]:
+        """Wait for the ``contributors`` payloads of ``step`` and return them in ticket order."""
+        heads = [f"{step}/g/{t}" for t in range(1, self.contributors + 1)]
+
+        def what() -> str:
+            arrived = self.store.add(f"{step}/arrive", 0)
+            missing = [t for t, key in enumerate(heads, start=1) if not self.store.check([key])]
+            return (
+                f"step {step}: {min(arrived, self.contributors)} of the {self.contributors} contributions "
+                f"needed arrived ({arrived} arrivals, tickets {missing} not posted); "
+                f"last step finished per rank: {self.positions()}"
+            )
+
+        self._wait(heads, what)
+        values = self.store.multi_get(heads)
+        counts = [_COUNT.unpack_from(v)[0] for v in values]
+        extra = [f"{step}/g/{t}/{i}" for t, c in enumerate(counts, start=1) for i in range(1, c)]
+        rest = iter(self.store.multi_get(extra) if extra else [])
+        payloads = []
+        for value, count in zip(values, counts, strict=True):
+            parts = [value[_COUNT.size :]] + [next(rest) for _ in range(count - 1)]
+            payloads.append(b"".join(parts) if count > 1 else parts[0])
+        self._counts = counts
+        return payloads
+
+    # 5. finish
+    def finish(self, step: int) -> None:
+        """Count this rank done with ``step``; the last rank cleans the step up and marks it finished."""
+        self.store.set(f"pos/{self.rank}", str(step))
+        if self.store.add(f"{step}/read", 1) < self.world_size:
+            return
+        # Every rank has read step s: nobody touches its keys again, and every rank has passed
+        # its lag check on step s - max_lag (made before arriving at s).
+        counts = getattr(self, "_counts", [1] * self.contributors)
+        keys = [f"{step}/arrive", f"{step}/read"]
+        for t, c in enumerate(counts, start=1):
+            keys += [f"{step}/g/{t}"] + [f"{step}/g/{t}/{i}" for i in range(1, c)]
+        if step - self.max_lag >= 0:
+            keys.append(f"{step - self.max_lag}/done")
+        for key in keys:
+            try:
+                self.store.delete_key(key)
+            except (RuntimeError, NotImplementedError):  # a store without deletion only keeps more keys
+                break
+        self.store.set(f"{step}/done", "1")
+
+
+class BackupWorkers(SyncSchedule):
+    """Synchronous SGD with ``backups`` backup workers (Chen et al., arXiv 1604.00981).
+
+    With ``W`` ranks, each optimizer step averages the gradients of the first ``N = W - backups``
+    ranks to finish their backward pass; the other ``backups`` gradients are dropped, never
+    applied later. Every rank, dropped or not, applies the same average, so parameters stay
+    identical. How it works and what it costs: see the module docstring.
+
+    Args:
+        backups: ``b``, gradients dropped per step. More backups make a step wait for a faster
+            quantile of the ranks (the ``N``-th fastest of ``N + b``) but average fewer gradients
+            (effective batch ``N·B``) and compute ``b`` gradients for nothing. The paper found
+            ``b`` around 4-6 % of the workers best (e.g. 96 + 4 on Inception); with few ranks,
+            ``b = 1``. ``0`` is plain synchronous training through the normal compressed
+            exchange. Must be smaller than the world size (checked at setup).
+        timeout: seconds a rank waits for contributions (or for a lagging rank, see ``max_lag``)
+            before failing with an error naming the step and the ranks behind. ``None`` uses the
+            process group's timeout (``CompressedDDP(timeout=...)``, 30 min by default). Lower it
+            to fail fast when a machine dies; keep it well above the slowest expected step.
+        max_lag: how many steps the fastest ranks may run ahead of the slowest before waiting
+            for it. Higher absorbs longer stalls (a stall longer than ``max_lag`` fast steps
+            paces the others again); lower caps the payloads the store holds
+            (``(max_lag + 1)·N·P`` bytes on rank 0) and detects a dead rank sooner. Typical 8-64.
+        skip_late_steps: a rank that is already late when a step starts (``N`` ranks have
+            arrived) skips ``training_step`` and backward for that step and only applies the
+            average, which is how it catches up after a stall. Off by default: turn it on only
+            if ``training_step`` issues no collective of its own (no ``self.log(...,
+            sync_dist=True)``, no torchmetrics objects logged from it): a skipped step leaves
+            such collectives unmatched on the other ranks, and the run hangs at the next
+            epoch-end synchronization until the process-group timeout.
+
+    Attributes:
+        last_step: the last optimizer step aggregated (-1 before the first).
+        last_contributors: ranks whose gradients that step averaged, sorted.
+        last_dropped: ranks that straggled at that step (their gradients were dropped), sorted.
+        last_skipped: whether this rank skipped forward and backward at that step.
+        last_wait_s: seconds this rank waited for the ``N`` contributions at that step.
+        dropped_total: gradients dropped so far over all ranks (identical on every rank).
+        straggled_total: steps this rank was dropped; skipped_total: steps it skipped.
+
+    Example::
+
+        trainer = pl.Trainer(accelerator="cpu", devices=4,
+                             strategy=CompressedDDP(compressor=QSGD(bits=8), sync=BackupWorkers(backups=1)))
+
+    """
+
+    def __init__(
+        self,
+        backups: int = 1,
+        timeout: float | datetime.timedelta | None = None,
+        max_lag: int = 32,
+        skip_late_steps: bool = False,
+    ) -> None:
+        if isinstance(backups, bool) or not isinstance(backups, int) or backups < 0:
+            raise ValueError(f"backups must be an integer >= 0 (and < the number of ranks), got {backups!r}")
+        if isinstance(max_lag, bool) or not isinstance(max_lag, int) or max_lag < 1:
+            raise ValueError(f"max_lag must be an integer >= 1, got {max_lag!r}")
+        if not isinstance(skip_late_steps, bool):
+            raise TypeError(f"skip_late_steps must be True or False, got {skip_late_steps!r}")
+        self.backups = backups
+        self.timeout = _seconds(timeout)
+        self.max_lag = max_lag
+        self.skip_late_steps = skip_late_steps
+
+        self.last_step = -1
+        self.last_contributors: tuple[int, ...] = ()
+        self.last_dropped: tuple[int, ...] = ()
+        self.last_skipped = False
+        self.last_wait_s = 0.0
+        self.dropped_total = 0
+        self.straggled_total = 0
+        self.skipped_total = 0
+        # error-feedback memory of the compressed part, with the parameter names it covers
+        self._residual: Tensor | None = None
+        self._residual_layout: tuple[str, ...] = ()
+        self._pending: tuple[Tensor, tuple[str, ...]] | None = None
+        self._exchange: FirstNExchange | None = None
+        self._world_size = 1
+        self._rank = 0
+        self._names: dict[int, str] = {}
+        self._running: int | None = None
+        self._fit_steps = 0
+
+    @property
+    def contributors(self) -> int:
+        """``N``: gradients averaged per step (``world size - backups``; known after setup)."""
+        return self._world_size - self.backups
+
+    @property
+    def active(self) -> bool:
+        """Whether steps go through the first-N exchange (``backups > 0`` on more than one rank)."""
+        return self._exchange is not None
+
+    # -- SyncSchedule ----------------------------------------------------------------------------
+    def setup(self, strategy: CompressedDDP) -> None:
+        world = strategy.world_size
+        # Every rank evaluates the same condition on the same configuration: all raise together.
+        if self.backups >= world:
+            raise ValueError(
+                f"BackupWorkers(backups={self.backups}) needs more ranks than backups: world size is "
+                f"{world}; use backups in [0, {world - 1}]"
+            )
+        self._world_size = world
+        self._rank = strategy.global_rank
+        self._exchange = None
+        self._fit_steps = 0
+        self._running = None
+        if self.backups == 0 or world == 1:
+            return
+        comm = strategy.comm_state
+        if comm.uses_sketch:
+            raise ValueError(
+                "BackupWorkers does not support CountSketch: Sketched SGD's exchange needs a second round "
+                "among the same ranks; use QSGD, TopK or NoCompression (or backups=0)"
+            )
+        scaler = getattr(strategy.precision_plugin, "scaler", None)
+        if scaler is not None:
+            raise ValueError(
+                "BackupWorkers does not support precision='16-mixed' (its GradScaler skips steps per rank, "
+                "so ranks would diverge); use '32-true' or 'bf16-mixed'"
+            )
+        model = strategy.lightning_module
+        self._names = {id(p): name for name, p in model.named_parameters()}
+        store = dist.distributed_c10d._get_default_store()
+        base = dist.PrefixStore("lightning_compress/backup/", store)
+        # Each fit adds W to the counter: the same generation on every rank, fresh keys per fit.
+        generation = (int(base.add("generation", 1)) - 1) // world
+        timeout = self.timeout if self.timeout is not None else store.timeout.total_seconds()
+        run_store = dist.PrefixStore(f"{generation}/", base)
+        n = world - self.backups
+        self._exchange = FirstNExchange(run_store, self._rank, world, n, timeout, self.max_lag)
+        self._replace_sigterm_broadcast(model.trainer)
+        ddp = strategy.model
+        if getattr(ddp, "broadcast_buffers", False) and any(True for _ in model.buffers()):
+            log.warning(
+                "BackupWorkers: the model has buffers and DDP broadcasts them from rank 0 before every "
+                "forward; that broadcast waits for the slowest rank, so stragglers set the pace again. Pass "
+                "CompressedDDP(..., broadcast_buffers=False) to avoid it (buffers then stay per rank)."
+            )
+        log.debug(f"{type(self).__name__}: {n} of {world} ranks per step, generation {generation}")
+
+    def communicates(self, step: int) -> bool:
+        # With backups, the DDP hook leaves gradients local; run_closure exchanges them.
+        return self._exchange is None
+
+    def run_closure(
+        self, strategy: CompressedDDP, optimizer: Optimizer, closure: Callable[[], Any], step: int
+    ) -> Any:
+        exchange = self._exchange
+        if exchange is None:
+            return closure()
+        if self._running == step:
+            raise RuntimeError(
+                "BackupWorkers: the optimizer evaluated its closure twice in one step (LBFGS?); backup "
+                "workers need optimizers that evaluate it once per step"
+            )
+        self._running = step
+        exchange.wait_lag(step)  # 0.
+        skipped = False
+        self._fit_steps += 1
+        if self.skip_late_steps and self._fit_steps > _NO_SKIP_STEPS and exchange.closed(step):  # 1.
+            skipped = _skip_closure(closure)
+        output = None if skipped else closure()
+        params = self._params(optimizer)
+        ticket = exchange.contributors + 1
+        sent = 0
+        if not skipped:
+            ticket = exchange.arrive(step)  # 2.
+            if ticket <= exchange.contributors:
+                sent = exchange.post(step, ticket, self._encode(strategy, params, step))  # 3.
+        start = time.perf_counter()
+        payloads = exchange.collect(step)  # 4.
+        self.last_wait_s = time.perf_counter() - start
+        try:
+            contributors = self._decode_into(strategy, params, step, payloads)
+        finally:
+            exchange.finish(step)  # 5. (also when every rank raises for non-finite gradients)
+
+        comm = strategy.comm_state
+        if sent:
+            comm.ledger.record(sent, sent)
+        comm.ledger.end_step()
+        # the hook counts its flushes; a skipped step had none, and every rank must agree on it
+        comm.step = step + 1
+        self.last_step = step
+        self.last_contributors = contributors
+        self.last_dropped = tuple(r for r in range(self._world_size) if r not in contributors)
+        self.last_skipped = skipped
+        self.dropped_total += len(self.last_dropped)
+        self.straggled_total += int(self._rank in self.last_dropped)
+        self.skipped_total += int(skipped)
+        return output
+
+    def on_train_end(self, strategy: CompressedDDP) -> None:
+        # Rank 0 hosts the store: it must not leave while a slower rank still reads its last steps.
+        if self._exchange is not None and dist.is_initialized():
+            dist.barrier()
+
+    # -- encoding ----------------------------------------------------------------------------------
+    def _params(self, optimizer: Optimizer) -> list[tuple[str, Tensor]]:
+        seen: set[int] = set()
+        params = []
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    params.append((self._names.get(id(p), f"param{len(params)}"), p))
+        return params
+
+    def _split(
+        self, strategy: CompressedDDP, params: list[tuple[str, Tensor]], step: int
+    ) -> tuple[list, list, bool]:
+        comm = strategy.comm_state
+        warm = step < comm.warmup_steps
+        dense = [(n, p) for n, p in params if warm or p.numel() < comm.min_compression_size]
+        large = [(n, p) for n, p in params if not (warm or p.numel() < comm.min_compression_size)]
+        return dense, large, warm
+
+    def _encode(self, strategy: CompressedDDP, params: list[tuple[str, Tensor]], step: int) -> bytes:
+        comm = strategy.comm_state
+        dense, large, warm = self._split(strategy, params, step)
+        dense_flat = _flat_grads(dense)
+        parts = [_to_bytes(dense_flat)]
+        large_flat = _flat_grads(large)
+        codec = comm.compressor
+        meta = repr(codec.meta()).encode()
+        sizes = (dense_flat.numel(), large_flat.numel())
+        flags = _WARM if warm else 0
+        self._pending = None
+        if getattr(comm, "nonfinite", "ignore") != "ignore" and not _finite(dense_flat, large_flat):
+            # every rank reads this flag from the same payload: all skip (or raise) together
+            return _HEADER.pack(_MAGIC, step, self._rank, flags | _NONFINITE, *sizes, len(meta)) + meta
+        if large:
+            layout = tuple(n for n, _ in large)
+            residual = self._residual
+            if comm.error_feedback and residual is not None and layout == self._residual_layout:
+                large_flat = large_flat + residual.to(large_flat.device)
+            payload = codec.compress(large_flat, comm._rng(large_flat.device))
+            if comm.error_feedback:
+                # p - C(p) (arXiv 1901.09847, Alg. 2). Only a contributor gets here: a late rank's
+                # gradient is dropped whole, not carried into a later step through this memory.
+                # Committed once the step is known to be applied (see _decode_into).
+                self._pending = (large_flat - codec.decompress(payload).reshape(-1).float(), layout)
+            parts.append(_to_bytes(payload.to_bytes()))
+            comm.ledger.record_coords(large_flat.numel(), payload.nbytes, self._world_size)
+        if dense:
+            comm.ledger.record_coords(dense_flat.numel(), 4 * dense_flat.numel(), self._world_size)
+        header = _HEADER.pack(_MAGIC, step, self._rank, flags, *sizes, len(meta))
+        return header + meta + b"".join(parts)
+
+    def _decode_into(
+        self, strategy: CompressedDDP, params: list[tuple[str, Tensor]], step: int, payloads: list[bytes]
+    ) -> tuple[int, ...]:
+        comm = strategy.comm_state
+        codec: Compressor = comm.compressor
+        dense, large, warm = self._split(strategy, params, step)
+        n_dense = sum(p.numel() for _, p in dense)
+        n_large = sum(p.numel() for _, p in large)
+        device = params[0][1].device if params else torch.device("cpu")
+        meta = repr(codec.meta()).encode()
+        received = []
+        bad = []
+        for blob in payloads:
+            magic, p_step, rank, flags, p_dense, p_large, meta_len = _HEADER.unpack_from(blob)
+            p_meta = blob[_HEADER.size : _HEADER.size + meta_len]
+            layout_ok = bool(flags & _WARM) == warm and (p_dense, p_large) == (n_dense, n_large)
+            if magic != _MAGIC or p_step != step or not layout_ok:
+                raise RuntimeError(
+                    f"BackupWorkers: rank {rank}'s payload for step {step} does not match this rank's layout "
+                    f"(step {p_step}, {p_dense}+{p_large} vs {n_dense}+{n_large} elements): ranks disagree"
+                )
+            if p_meta != meta:
+                raise RuntimeError(
+                    f"BackupWorkers: rank {rank} encoded step {step} with codec settings {p_meta.decode()} "
+                    f"but this rank has {meta.decode()}; codec settings must change identically on every rank"
+                )
+            received.append((rank, blob[_HEADER.size + meta_len :]))
+            if flags & _NONFINITE:
+                bad.append(rank)
+        received.sort(key=lambda item: item[0])  # rank order: the same sum on every rank
+        contributors = tuple(rank for rank, _ in received)
+        pending, self._pending = self._pending, None
+        if bad:
+            self._on_nonfinite(comm, step, sorted(bad))
+            return contributors
+        if pending is not None:
+            self._residual, self._residual_layout = pending
+        count = len(received)
+        dense_sum = torch.zeros(n_dense, dtype=torch.float32, device=device)
+        large_sum = torch.zeros(n_large, dtype=torch.float32, device=device)
+        scatter_add = getattr(codec, "scatter_add_into", None)
+        for _, body in received:
+            buf = torch.frombuffer(bytearray(body), dtype=torch.uint8).to(device)
+            if n_dense:
+                dense_sum += buf[: 4 * n_dense].view(torch.float32)
+            if n_large:
+                payload = codec.from_bytes(buf[4 * n_dense :], (n_large,), torch.float32)
+                if scatter_add is not None:
+                    scatter_add(large_sum, payload)
+                else:
+                    large_sum += codec.decompress(payload).reshape(-1).to(torch.float32)
+        dense_sum /= count
+        large_sum /= count
+        _write_grads(dense, dense_sum)
+        _write_grads(large, large_sum)
+        if n_large:
+            comm.last_grad_norm = float(torch.linalg.vector_norm(large_sum))
+        return contributors
+
+    def _on_nonfinite(self, comm: Any, step: int, ranks: list[int]) -> None:
+        # same contract as the DDP hook's `nonfinite` (CompressedDDP drops the step on
+        # last_step_skipped), decided from the same payloads on every rank
+        message = f"non-finite gradients (NaN/Inf) from contributing ranks {ranks} at step {step}"
+        if comm.nonfinite == "raise":
+            raise FloatingPointError(f"{message}; set nonfinite='skip' to skip such steps instead")
+        log.warning("BackupWorkers: %s: step skipped on every rank, error-feedback memory untouched", message)
+        comm.last_step_skipped = True
+        comm.skipped_steps = getattr(comm, "skipped_steps", 0) + 1
+
+    # -- Lightning's per-batch SIGTERM broadcast ---------------------------------------------------
+    def _replace_sigterm_broadcast(self, trainer: Any) -> None:
+        loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+        if loop is None or not hasattr(type(loop), "_broadcast_sigterm_tensor"):
+            return
+        store = self._exchange.store if self._exchange is not None else None
+        rank = self._rank
+
+        def sigterm_via_store() -> None:
+            # Same contract as Lightning's: every rank raises once rank 0 received SIGTERM, but via a
+            # store flag, because a broadcast would wait for the slowest rank at every batch.
+            from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+            if store is None:
+                return
+            if rank == 0 and getattr(trainer, "received_sigterm", False):
+                store.set("sigterm", "1")
+            if store.check(["sigterm"]):
+                raise SIGTERMException()
+
+        loop._broadcast_sigterm_tensor = sigterm_via_store
+
+    # -- metrics and state ---------------------------------------------------------------------------
+    def metrics(self) -> dict[str, float]:
+        """Figures of the last step, for loggers (``CommunicationMonitor`` logs them).
+
+        ``backup/contributions`` (gradients averaged), ``backup/dropped`` (gradients dropped),
+        ``backup/straggled`` (1.0 if this rank was dropped), ``backup/skipped`` (1.0 if it skipped
+        forward and backward), ``backup/wait_s``, ``backup/dropped_total`` and
+        ``backup/straggled_total``. Empty before the first step and without backups.
+        """
+        if self.last_step < 0:
+            return {}
+        return {
+            "backup/contributions": float(len(self.last_contributors)),
+            "backup/dropped": float(len(self.last_dropped)),
+            "backup/straggled": float(self._rank in self.last_dropped),
+            "backup/skipped": float(self.last_skipped),
+            "backup/wait_s": float(self.last_wait_s),
+            "backup/dropped_total": float(self.dropped_total),
+            "backup/straggled_total": float(self.straggled_total),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "backups": self.backups,
+            "residual": None if self._residual is None else self._residual.detach().clone(),
+            "residual_layout": list(self._residual_layout),
+            "dropped_total": self.dropped_total,
+            "straggled_total": self.straggled_total,
+            "skipped_total": self.skipped_total,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "residual" not in state:
+            raise ValueError("BackupWorkers state is missing 'residual'; was it saved by BackupWorkers?")
+        self._residual = state["residual"]
+        self._residual_layout = tuple(state.get("residual_layout", ()))
+        self.dropped_total = int(state.get("dropped_total", 0))
+        self.straggled_total = int(state.get("straggled_total", 0))
+        self.skipped_total = int(state.get("skipped_total", 0))
+
+    def __getstate__(self) -> dict[str, Any]:
+        # spawn pickles the strategy into its children: no store connection
+        d = self.__dict__.copy()
+        d["_exchange"] = None
+        return d
+
+    def __repr__(self) -> str:
+        name = type(self).__name__
+        return f"{name}(backups={self.backups}, timeout={self.timeout}, max_lag={self.max_lag})"
+
+
+def _skip_closure(closure: Callable[[], Any]) -> bool:
+    """Mark Lightning's automatic-optimization closure as run without running it (a skipped step)."""
+    try:
+        from pytorch_lightning.loops.optimization.automatic import Closure, ClosureResult
+    except ImportError:  # pragma: no cover - other Lightning layouts: compute, then drop
+        return False
+    if not isinstance(closure, Closure):
+        return False  # manual optimization, or a user's own optimizer_step: compute, then drop
+    # what Lightning records when training_step returns None: the step has no loss and no outputs
+    closure._result = ClosureResult(closure_loss=None)
+    return True
+
+
+def _finite(*flats: Tensor) -> bool:
+    # amax/amin propagate NaN and keep Inf, without a mask as large as the gradient
+    ends = [t for f in flats if f.numel() for t in (f.amax(), f.amin())]
+    return not ends or bool(torch.isfinite(torch.stack(ends)).all())
+
+
+def _flat_grads(params: list[tuple[str, Tensor]]) -> Tensor:
+    if not params:
+        return torch.zeros(0, dtype=torch.float32)
+    return torch.cat(
+        [
+            torch.zeros(p.numel(), device=p.device) if p.grad is None else p.grad.reshape(-1).float()
+            for _, p in params
+        ]
+    )
+
+
+def _to_bytes(t: Tensor) -> bytes:
+    return t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _write_grads(params: list[tuple[str, Tensor]], flat: Tensor) -> None:
+    offset = 0
+    for _, p in params:
+        n = p.numel()
+        value = flat[offset : offset + n].view_as(p).to(p.dtype)
+        if p.grad is None:
+            p.grad = value.clone()
+        else:
+            p.grad.copy_(value)
+        offset += n
+
+
+__all__ = ["BackupWorkers", "FirstNExchange"]

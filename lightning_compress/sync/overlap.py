@@ -1,0 +1,210 @@
+"""Overlap-Local-SGD: the model average runs in the background during the next local steps.
+
+Wang, Liang, Joshi, "Overlap Local-SGD: An Algorithmic Approach to Hide Communication Delays in
+Distributed SGD", ICASSP 2020, arXiv 2002.09539.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_compress.comm.ledger import BitLedger, allreduce_wire_bytes
+from lightning_compress.compressors.base import NoCompression
+from lightning_compress.sync.averaging import (
+    PeriodicAveraging,
+    check_number,
+    divide_by_lr,
+    flatten,
+    learning_rates,
+    write_flat_,
+)
+
+if TYPE_CHECKING:
+    from torch.optim import Optimizer
+
+    from lightning_compress.strategy import CompressedDDP
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def anchor_step_(
+    x: Tensor, z: Tensor, v: Tensor, lr: float | Tensor, pullback: float, momentum: float
+) -> Tensor:
+    """One sync point of Overlap-Local-SGD on flat vectors, in place; returns what to average next.
+
+    In this order (arXiv 2002.09539; the order of the authors' reference implementation):
+
+    1. pull back towards the anchor: ``x ← (1 − α)·x + α·z``;
+    2. anchor momentum, from the pulled-back model: ``v ← β·v + (z − x)/γ``;
+    3. this rank's contribution to the next anchor: ``z − γ·v`` (averaged over ranks in the
+       background; the average is the anchor of the next sync point).
+
+    ``x`` and ``v`` are this rank's; ``z`` is identical on every rank. ``v`` may be shorter than
+    ``x``: the trailing elements (model buffers) then follow the rule without momentum, i.e.
+    they contribute their pulled-back value. With ``β = 0`` the contribution is ``x`` itself.
+
+    Args:
+        x: this rank's model; pulled back in place.
+        z: the anchor (the average finished since the previous sync point).
+        v: the anchor momentum of the first ``v.numel()`` elements; updated in place.
+        lr: the base learning rate ``γ`` of those elements (float or per-element vector).
+        pullback: ``α``.
+        momentum: ``β``.
+
+    """
+    x.mul_(1.0 - pullback).add_(z, alpha=pullback)  # 1.
+    n = v.numel()
+    v.mul_(momentum).add_(divide_by_lr(z[:n] - x[:n], lr))  # 2.
+    send = x.clone()
+    send[:n] = z[:n] - (v * lr if isinstance(lr, Tensor) else v * float(lr))  # 3.
+    return send
+
+
+def launch_allreduce(buffer: Tensor, group: dist.ProcessGroup | None, ledger: BitLedger | None) -> dist.Work:
+    """Start a non-blocking sum-allreduce of ``buffer`` (in place) and return its work handle.
+
+    The bytes are recorded now, in the step that issues the collective. ``buffer`` must not be
+    touched until ``work.wait()`` returns.
+    """
+    if ledger is not None:
+        nbytes = buffer.numel() * buffer.element_size()
+        world = dist.get_world_size(group)
+        ledger.record_coords(buffer.numel(), nbytes, world)
+        ledger.record(nbytes, allreduce_wire_bytes(nbytes, world))
+    work = dist.all_reduce(buffer, group=group, async_op=True)
+    assert work is not None
+    return work
+
+
+class OverlapLocalSGD(PeriodicAveraging):
+    """Overlap-Local-SGD with anchor momentum (Wang, Liang, Joshi; arXiv 2002.09539).
+
+    Local SGD whose model average never blocks: each rank keeps an *anchor* ``z`` (identical
+    on every rank), and at every sync point, after every ``period``-th local step:
+
+    1. wait for the anchor average launched at the previous sync point (it ran during the last
+       ``period`` local steps; at the first sync point the anchor is the initial model);
+    2. pull back: ``x ← (1 − α)·x + α·z``;
+    3. anchor momentum: ``v ← β·v + (z − x)/γ`` (``γ`` = the base learning rate);
+    4. launch a non-blocking allreduce (``async_op=True``) of ``z − γ·v``; divided by the world
+       size when it completes, it is the next anchor.
+
+    Only one averaging collective is outstanding at any time, and every rank issues it at the
+    same optimizer step. Model buffers (BatchNorm statistics) travel in the same allreduce and
+    follow the rule without momentum. The replicas are never identical (each is pulled towards
+    the anchor, not replaced by it); the anchor is. :meth:`before_save` completes the pending
+    average, so a resumed run continues exactly like an uninterrupted one.
+
+    The averaging is exact float32: a compressed exchange blocks, which would defeat the
+    overlap. The strategy's compressor still serves the ``warmup_steps`` (a warning says so).
+    The authors' code starts the schedule one step later (its first sync point follows step
+    ``τ + 1``); here sync points follow steps ``τ, 2τ, ...`` of the local phase, as in LocalSGD.
+
+    Args:
+        period: local steps ``τ`` between sync points; the average has ``τ`` steps of compute
+            to hide behind. Larger hides slower networks but lets replicas drift; paper: 2.
+        pullback: ``α`` in (0, 1], how far each rank moves towards the anchor. Larger keeps the
+            replicas closer together (1 replaces the model by the stale anchor); paper: 0.6.
+        momentum: anchor momentum ``β`` in [0, 1); paper: 0.7. 0 makes the anchor the plain
+            average of the pulled-back models.
+        warmup_steps: synchronous optimizer steps before the local phase.
+
+    """
+
+    def __init__(
+        self, period: int = 2, pullback: float = 0.6, momentum: float = 0.7, warmup_steps: int = 0
+    ) -> None:
+        super().__init__(period, warmup_steps)
+        self.pullback = check_number("pullback", pullback, 0.0, 1.0, low_open=True, high_open=False)
+        self.momentum = check_number("momentum", momentum, 0.0, 1.0, low_open=False, high_open=True)
+        self.z: Tensor | None = None  # anchor (params then float buffers)
+        self.v: Tensor | None = None  # anchor momentum (params only)
+        self._work: Any = None  # the one pending allreduce
+        self._inflight: Tensor | None = None
+        self._world = 1
+
+    def setup(self, strategy: CompressedDDP) -> None:
+        """Bind the model (see :class:`PeriodicAveraging`) and say what the compressor is used for."""
+        self._work, self._inflight = None, None
+        super().setup(strategy)
+        self._world = dist.get_world_size(strategy.comm_state.process_group)
+        if not isinstance(strategy.comm_state.compressor, NoCompression):
+            log.warning(
+                "OverlapLocalSGD averages models with an exact non-blocking float32 allreduce; the "
+                f"compressor {strategy.comm_state.compressor!r} is used only for the {self.warmup_steps} "
+                "warm-up steps"
+            )
+
+    def ranks_may_differ(self, steps_done: int) -> bool:
+        return steps_done > self.warmup_steps
+
+    def _init_state(self, strategy: CompressedDDP) -> None:
+        self.complete()
+        self.z = flatten(self._params + self._buffers).to(self._device)
+        self.v = torch.zeros(sum(p.numel() for p in self._params), dtype=torch.float32, device=self._device)
+
+    def complete(self) -> None:
+        """Wait for the pending anchor average, if any, and make it the anchor."""
+        if self._work is None:
+            return
+        work, buf = self._work, self._inflight
+        self._work, self._inflight = None, None
+        work.wait()
+        assert buf is not None
+        self.z = buf.div_(self._world)
+
+    def _synchronize(self, strategy: CompressedDDP, optimizer: Optimizer, step: int) -> None:
+        assert self.z is not None and self.v is not None
+        log.debug(f"{type(self).__name__}: sync point after optimizer step {step}")
+        self.complete()  # 1.
+        tensors = self._params + self._buffers
+        x = flatten(tensors).to(self.z.device)
+        lr = learning_rates(strategy.optimizers or [optimizer], self._params)
+        send = anchor_step_(x, self.z, self.v, lr, self.pullback, self.momentum)  # 2.-3.
+        write_flat_(tensors, x)
+        cs = strategy.comm_state
+        self._inflight = send
+        self._work = launch_allreduce(send, cs.process_group, cs.ledger)  # 4.
+
+    def on_train_end(self, strategy: CompressedDDP) -> None:
+        """Complete the pending average: no collective outlives ``fit`` (the anchor is then current)."""
+        self.complete()
+
+    def before_save(self, strategy: CompressedDDP) -> None:
+        """Complete the pending average (the uninterrupted run gets the same anchor later)."""
+        self.complete()
+        super().before_save(strategy)
+
+    @property
+    def anchor(self) -> Tensor | None:
+        """The current anchor, flat (parameters in model order, then float buffers)."""
+        return self.z
+
+    def _state_tensors(self) -> dict[str, Tensor | None]:
+        return {"z": self.z, "v": self.v}
+
+    def _load_tensors(self, state: dict[str, Any], device: torch.device) -> None:
+        self._work, self._inflight = None, None
+        z = state.get("z")
+        self.z = z.to(device) if z is not None else flatten(self._params + self._buffers).to(device)
+        n = sum(p.numel() for p in self._params)
+        self.v = state["v"].to(device) if state.get("v") is not None else torch.zeros(n, device=device)
+
+    def __getstate__(self) -> dict[str, Any]:
+        d = super().__getstate__()
+        d["_work"] = None
+        d["_inflight"] = None
+        return d
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(period={self.period}, pullback={self.pullback}, "
+                f"momentum={self.momentum}, warmup_steps={self.warmup_steps})")
+
+
+__all__ = ["OverlapLocalSGD", "anchor_step_", "launch_allreduce"]

@@ -1,0 +1,321 @@
+"""BackupWorkers (Chen et al., arXiv 1604.00981) on real gloo groups and real Trainers.
+
+Stragglers are injected by sleeping 1.5 s on chosen (step, rank) pairs, far longer than a step
+(~10-30 ms here), so which rank is late at those steps is deterministic.
+"""
+
+from __future__ import annotations
+
+import datetime
+import pickle
+import time
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+from launch import init_process_group, run_distributed
+from models import ToyClassifier, flat_params, trainer_kwargs
+
+from lightning_compress import CompressedDDP
+from lightning_compress.compressors import QSGD, CountSketch, NoCompression, TopK
+from lightning_compress.sync import BackupWorkers
+from lightning_compress.sync.backup import FirstNExchange
+
+DELAY = 1.5
+
+
+class SleepyClassifier(ToyClassifier):
+    """ToyClassifier whose training_step sleeps on chosen (step, rank) pairs: late, but computed."""
+
+    def __init__(self, sleep_in_step=(), nan_steps=(), **kwargs):
+        super().__init__(**kwargs)
+        self.sleep_in_step = set(sleep_in_step)
+        self.nan_steps = set(nan_steps)
+
+    def training_step(self, batch, batch_idx):
+        if (self.trainer.global_step, self.global_rank) in self.sleep_in_step:
+            time.sleep(DELAY)
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if self.trainer.global_step in self.nan_steps else loss
+
+
+class Probe(pl.Callback):
+    """Per step: sleeps before the batch (injected stragglers), records params, grads and the schedule."""
+
+    def __init__(self, sleep_before=(), grads=False):
+        self.sleep_before = set(sleep_before)
+        self.grads = grads
+        self.rows: dict[int, dict] = {}
+        self.local: dict[int, torch.Tensor] = {}
+        self.applied: dict[int, torch.Tensor] = {}
+        self.started: dict[int, float] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        step = trainer.global_step
+        if (step, trainer.global_rank) in self.sleep_before:
+            time.sleep(DELAY)
+        self.started[step] = time.monotonic()
+
+    def on_after_backward(self, trainer, pl_module):
+        if self.grads:  # the DDP hook left this rank's own gradient
+            self.local[trainer.global_step] = _grads(pl_module)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if self.grads:  # what the optimizer applies
+            self.applied[trainer.global_step] = _grads(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step - 1  # the optimizer step just taken
+        sync = trainer.strategy.sync
+        self.rows[step] = {
+            "params": flat_params(pl_module),
+            "contributors": getattr(sync, "last_contributors", None),
+            "dropped": getattr(sync, "last_dropped", None),
+            "skipped": getattr(sync, "last_skipped", None),
+            "seconds": time.monotonic() - self.started[step],
+            "metrics": sync.metrics() if isinstance(sync, BackupWorkers) else None,
+        }
+
+
+def _grads(module):
+    return torch.cat([p.grad.reshape(-1).clone() for p in module.parameters()])
+
+
+def _fit(rank, world_size, strategy_factory, steps, sleep_before=(), sleep_in_step=(), grads=False,
+         nan_steps=()):
+    pl.seed_everything(0, verbose=False)
+    model = SleepyClassifier(sleep_in_step=sleep_in_step, nan_steps=nan_steps)
+    strategy = strategy_factory()
+    probe = Probe(sleep_before, grads)
+    trainer = pl.Trainer(**trainer_kwargs(world_size, strategy=strategy, max_steps=steps, callbacks=[probe]))
+    trainer.fit(model)
+    ledger = strategy.comm_state.ledger
+    sync = strategy.sync
+    return {
+        "params": flat_params(model),
+        "acc": model.accuracy(),
+        "rows": probe.rows,
+        "local": probe.local,
+        "applied": probe.applied,
+        "ledger_steps": ledger.steps,
+        "bytes": ledger.total.payload_bytes,
+        "dropped_total": getattr(sync, "dropped_total", None),
+        "skipped_total": getattr(sync, "skipped_total", None),
+    }
+
+
+def backup_none():
+    return CompressedDDP(compressor=NoCompression(), min_compression_size=256,
+                         sync=BackupWorkers(backups=1, timeout=60, skip_late_steps=True))
+
+
+def backup_qsgd():
+    return CompressedDDP(compressor=QSGD(bits=4), min_compression_size=256,
+                         sync=BackupWorkers(backups=1, timeout=60, skip_late_steps=True))
+
+
+def backup_topk_ef():
+    return CompressedDDP(compressor=TopK(ratio=0.05), error_feedback=True, min_compression_size=256,
+                         sync=BackupWorkers(backups=1, timeout=60, skip_late_steps=True))
+
+
+def _check_identical_steps(results, steps, contributors):
+    """Every rank saw the same contributors and holds the same parameters after every step."""
+    world = len(results)
+    for s in range(steps):
+        rows = [r["rows"][s] for r in results]
+        for row in rows[1:]:
+            assert torch.equal(row["params"], rows[0]["params"]), f"ranks diverged at step {s}"
+            assert row["contributors"] == rows[0]["contributors"], f"ranks disagree at step {s}"
+        assert len(rows[0]["contributors"]) == contributors, (s, rows[0])
+        assert set(rows[0]["contributors"]) | set(rows[0]["dropped"]) == set(range(world))
+    for r in results:
+        assert r["ledger_steps"] == steps
+        assert r["dropped_total"] == (world - contributors) * steps
+
+
+STEPS = 96
+LATE_BEFORE = (10, 2)  # rank 2 sleeps before step 10's batch: it is late and skips the step's compute
+# rank 1 sleeps inside step 70's training_step: it computes a gradient that is dropped. Far enough from
+# step 10 that rank 2 has caught up again (the fast ranks wait for it at step 10 + max_lag = 42).
+LATE_IN_STEP = (70, 1)
+
+
+def test_straggler_is_dropped_no_hang_identical_and_converges():
+    results = run_distributed(
+        _fit, 3, backup_none, STEPS, [LATE_BEFORE], [LATE_IN_STEP], True, timeout=120
+    )
+    _check_identical_steps(results, STEPS, contributors=2)
+    rows = results[0]["rows"]
+    # the injected stragglers are exactly the dropped ranks at their steps
+    assert rows[LATE_BEFORE[0]]["dropped"] == (LATE_BEFORE[1],)
+    assert rows[LATE_IN_STEP[0]]["dropped"] == (LATE_IN_STEP[1],)
+    # a rank already late when the step starts skips forward/backward; one late inside the step computed
+    assert results[LATE_BEFORE[1]]["rows"][LATE_BEFORE[0]]["skipped"]
+    assert LATE_BEFORE[0] not in results[LATE_BEFORE[1]]["local"]
+    assert LATE_IN_STEP[0] in results[LATE_IN_STEP[1]]["local"]
+    # what every rank applied is the mean of exactly the contributors' gradients of that step
+    for s in range(STEPS):
+        contributors = rows[s]["contributors"]
+        expected = torch.zeros_like(results[contributors[0]]["local"][s])
+        for c in contributors:
+            expected += results[c]["local"][s]
+        expected /= len(contributors)
+        for r in results:
+            torch.testing.assert_close(r["applied"][s], expected, rtol=0, atol=1e-7)
+    # the ranks that were on time did not wait for the straggler
+    for s, late in (LATE_BEFORE, LATE_IN_STEP):
+        for r in range(3):
+            if r != late:
+                assert results[r]["rows"][s]["seconds"] < DELAY / 2, (s, r, results[r]["rows"][s]["seconds"])
+    metrics = rows[STEPS - 1]["metrics"]
+    assert metrics["backup/contributions"] == 2.0 and metrics["backup/dropped"] == 1.0
+    assert metrics["backup/dropped_total"] == float(STEPS)
+    assert results[0]["acc"] > 0.7, results[0]["acc"]
+
+
+@pytest.mark.parametrize("factory", [backup_qsgd, backup_topk_ef], ids=["qsgd4", "topk_ef"])
+def test_compressed_payloads_with_straggler(factory):
+    steps = 16
+    late = (6, 3)
+    nan_step = 10  # every rank's gradient is NaN: whoever contributes, every rank skips the step
+    results = run_distributed(_fit, 4, factory, steps, [late], (), False, [nan_step], timeout=120)
+    _check_identical_steps(results, steps, contributors=3)
+    assert results[0]["rows"][late[0]]["dropped"] == (late[1],)
+    rows = results[0]["rows"]
+    assert torch.equal(rows[nan_step]["params"], rows[nan_step - 1]["params"])
+    assert not torch.equal(rows[nan_step + 1]["params"], rows[nan_step]["params"])
+    assert torch.isfinite(results[0]["params"]).all()
+    # a contributor sends its encoded gradient once per step; 18 k coordinates at 4 bits or 5 % Top-K
+    numel = results[0]["params"].numel()
+    per_step = max(r["bytes"] for r in results) / steps
+    assert 0 < per_step < 4 * numel / 2, (per_step, numel)
+
+
+def plain_sync():
+    return CompressedDDP(compressor=NoCompression(), min_compression_size=256)
+
+
+def backup_zero():
+    return CompressedDDP(compressor=NoCompression(), min_compression_size=256, sync=BackupWorkers(backups=0))
+
+
+def test_zero_backups_is_plain_synchronous_training():
+    plain = run_distributed(_fit, 2, plain_sync, 12, timeout=120)
+    zero = run_distributed(_fit, 2, backup_zero, 12, timeout=120)
+    assert torch.equal(plain[0]["params"], zero[0]["params"])
+    assert torch.equal(zero[0]["params"], zero[1]["params"])
+    assert zero[0]["rows"][11]["metrics"] == {}  # nothing dropped, no backup figures
+
+
+def test_negative_backups_rejected_at_construction():
+    with pytest.raises(ValueError, match="backups must be an integer >= 0"):
+        BackupWorkers(backups=-1)
+    with pytest.raises(ValueError, match="max_lag"):
+        BackupWorkers(max_lag=0)
+    with pytest.raises(ValueError, match="timeout"):
+        BackupWorkers(timeout=-1.0)
+    sync = pickle.loads(pickle.dumps(BackupWorkers(backups=2, timeout=datetime.timedelta(seconds=5))))
+    assert sync.backups == 2 and sync.timeout == 5.0
+
+
+def too_many_backups():
+    return CompressedDDP(compressor=NoCompression(), sync=BackupWorkers(backups=2))
+
+
+def with_sketch():
+    return CompressedDDP(compressor=CountSketch(), sync=BackupWorkers(backups=1))
+
+
+def _fit_error(rank, world_size, factory):
+    try:
+        _fit(rank, world_size, factory, 2)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+@pytest.mark.parametrize(
+    "factory, message",
+    [(too_many_backups, "needs more ranks than backups"), (with_sketch, "does not support CountSketch")],
+    ids=["backups>=world", "sketch"],
+)
+def test_setup_errors_on_every_rank(factory, message):
+    errors = run_distributed(_fit_error, 2, factory, timeout=120)
+    assert all(e is not None and message in e for e in errors), errors
+
+
+def _exchange_with_dead_ranks(rank, world_size):
+    """Rank 2 never takes part; ranks 0 and 1 run the protocol until it times out."""
+    init_process_group(rank, world_size)
+    store = dist.PrefixStore("test/", dist.distributed_c10d._get_default_store())
+    ex = FirstNExchange(store, rank, world_size, contributors=2, timeout=2.0, max_lag=2)
+    if rank == 2:
+        dist.barrier()  # the store lives in rank 0's process: everyone leaves together
+        return None
+    message = None
+    start = time.monotonic()
+    try:
+        for step in range(10):
+            ex.wait_lag(step)
+            ticket = ex.arrive(step)
+            if ticket <= 2:
+                ex.post(step, ticket, bytes([rank]) * 10)
+            assert sorted(ex.collect(step)) == [bytes([0]) * 10, bytes([1]) * 10]
+            ex.finish(step)
+    except RuntimeError as err:
+        message = (step, str(err), time.monotonic() - start)
+    dist.barrier()
+    return message
+
+
+def test_a_rank_that_never_arrives_fails_loudly_instead_of_hanging():
+    results = run_distributed(_exchange_with_dead_ranks, 3, timeout=60)
+    for step, message, seconds in results[:2]:
+        # two ranks are enough for N = 2 until the lag bound needs rank 2 to finish step 0
+        assert step == 2, message
+        assert "max_lag=2" in message and "2: -1" in message, message
+        assert seconds < 10
+
+
+def test_exchange_chunks_payloads_above_the_store_message_limit():
+    store = dist.HashStore()
+    ex = FirstNExchange(store, 0, 1, contributors=1, timeout=5.0, max_lag=4)
+    big = torch.randint(0, 256, (9 << 20,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    payload = big.numpy().tobytes()
+    assert not ex.closed(0)
+    assert ex.arrive(0) == 1 and ex.closed(0)
+    ex.post(0, 1, payload)
+    assert ex.collect(0) == [payload]
+    ex.finish(0)
+    assert not store.check(["0/g/1"]) and not store.check(["0/g/1/2"]) and store.check(["0/done"])
+
+
+def _monitored(rank, world_size, log_dir):
+    import csv
+    import glob
+    import os
+
+    from pytorch_lightning.loggers import CSVLogger
+
+    from lightning_compress import CommunicationMonitor
+
+    pl.seed_everything(0, verbose=False)
+    strategy = CompressedDDP(compressor=QSGD(bits=4), min_compression_size=256, sync=BackupWorkers(backups=1))
+    kwargs = trainer_kwargs(world_size, strategy=strategy, max_steps=4, callbacks=[CommunicationMonitor()])
+    kwargs["log_every_n_steps"] = 1
+    kwargs["logger"] = CSVLogger(log_dir, name="backup")
+    pl.Trainer(**kwargs).fit(ToyClassifier())
+    if rank != 0:
+        return None
+    [path] = glob.glob(os.path.join(log_dir, "backup", "*", "metrics.csv"))
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_monitor_logs_contributions_and_dropped_ranks(tmp_path):
+    rows = run_distributed(_monitored, 3, str(tmp_path))[0]
+    logged = [r for r in rows if r.get("backup/contributions")]
+    assert logged, "the monitor did not log the schedule's metrics"
+    assert all(float(r["backup/contributions"]) == 2.0 and float(r["backup/dropped"]) == 1.0 for r in logged)
