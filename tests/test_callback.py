@@ -1,0 +1,355 @@
+"""CommunicationMonitor in real Trainers on real gloo groups: metrics, policies, stock DDP, resume."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from launch import run_distributed
+from models import ToyClassifier, flat_params, teacher_dataset, trainer_kwargs
+from pytorch_lightning.loggers import CSVLogger
+from torch.utils.data import DataLoader
+
+from lightning_compress import CommunicationMonitor, CompressedDDP
+from lightning_compress.compressors import QSGD, NoCompression, TopK
+from lightning_compress.policies import AdaptiveTopKPolicy, DQPolicy
+
+METRICS = ("comm/bits_sent", "comm/bits_sent_total", "comm/compression_ratio", "comm/bits_per_coord",
+           "comm/wire_bits")
+HIDDEN = 256  # 71k parameters: the dense small tensors (biases) are 0.7 % of the coordinates
+STEPS = 150
+BATCH = 8  # small batches: noisy gradient norms, so the bit width has something to follow
+MIN_SIZE = 1024
+
+
+class RecordingDQ(DQPolicy):
+    """DQPolicy that remembers (norm, t, bits) of every decision."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.records = []
+
+    def decide(self, grad_norm, step=0):
+        bits = super().decide(grad_norm, step)
+        self.records.append((grad_norm, self.t, bits))
+        return bits
+
+
+class RecordingTopK(AdaptiveTopKPolicy):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.records = []
+
+    def decide(self, grad_norm, step=0):
+        k = super().decide(grad_norm, step)
+        self.records.append((grad_norm, self.t, k))
+        return k
+
+
+class RankDataClassifier(ToyClassifier):
+    """Each rank trains on its own data (no DistributedSampler): local gradients differ per rank."""
+
+    def train_dataloader(self):
+        hp = self.hparams
+        ds = teacher_dataset(hp.n, hp.dim, hp.classes, seed=1000 + self.global_rank)
+        return DataLoader(ds, shuffle=True, batch_size=self.hparams.batch_size)
+
+
+def _read_csv(log_dir):
+    path = os.path.join(log_dir, "csv", "version_0", "metrics.csv")
+    with open(path) as f:
+        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+
+
+def _run(rank, world_size, config, log_dir=None):
+    """Fit one configuration; returns params, accuracy, ledger, policy records and CSV rows (rank 0)."""
+    pl.seed_everything(0, verbose=False)
+    model_cls = RankDataClassifier if config.get("rank_data") else ToyClassifier
+    model = model_cls(hidden=config.get("hidden", HIDDEN), n=config.get("n", 2048),
+                      batch_size=config.get("batch", BATCH))
+    policy = config.get("policy")
+    policy = policy() if policy is not None else None
+    callbacks = []
+    if config.get("monitor", True):
+        callbacks.append(CommunicationMonitor(policy=policy, **config.get("monitor_kwargs", {})))
+    strategy = config["strategy"]()
+    overrides = dict(strategy=strategy, max_steps=config.get("steps", STEPS), callbacks=callbacks)
+    overrides.update(config.get("trainer", {}))
+    if log_dir is not None:
+        overrides.update(logger=CSVLogger(log_dir, name="csv", version=0), log_every_n_steps=1)
+    trainer = pl.Trainer(**trainer_kwargs(world_size, **overrides))
+    trainer.fit(model)
+    out = {"params": flat_params(model), "acc": model.accuracy(),
+           "sizes": [p.numel() for p in model.parameters()]}
+    if callbacks:
+        monitor = callbacks[0]
+        out["ledger"] = monitor.comm_state.ledger.state_dict()
+        out["ledger_steps"] = monitor.comm_state.ledger.steps
+        if policy is not None:
+            out["records"] = getattr(policy, "records", None)
+            out["policy_state"] = policy.state_dict()
+        if rank == 0:
+            from rich.console import Console
+
+            console = Console(record=True, width=160)
+            console.print(monitor.summary_table())
+            out["table"] = console.export_text()
+    if log_dir is not None and rank == 0:
+        out["rows"] = _read_csv(log_dir)
+    return out
+
+
+def plain_ddp():
+    return "ddp"
+
+
+def compressed_qsgd4():
+    return CompressedDDP(compressor=QSGD(bits=4), min_compression_size=MIN_SIZE)
+
+
+def compressed_topk():
+    return CompressedDDP(compressor=TopK(ratio=0.01), min_compression_size=MIN_SIZE)
+
+
+def dq4():
+    return RecordingDQ(mean_bits=4.0)
+
+
+def dq45():
+    return RecordingDQ(mean_bits=4.5)
+
+
+def topk1():
+    return RecordingTopK(mean_ratio=0.01)
+
+
+@pytest.fixture(scope="module")
+def ddp_baseline():
+    res = run_distributed(_run, 2, {"strategy": plain_ddp, "monitor": False})
+    assert res[0]["acc"] > 0.7, f"the task should be learnable (stock DDP reached {res[0]['acc']})"
+    return res[0]["acc"]
+
+
+def _split(sizes):
+    large = sum(n for n in sizes if n >= MIN_SIZE)
+    small = sum(n for n in sizes if n < MIN_SIZE)
+    return large, small
+
+
+def _qsgd_bits_per_coord(bits, sizes, world_size=2):
+    """What the ledger must report for a two-phase QSGD exchange of B bits plus the dense small tensors."""
+    large, small = _split(sizes)
+    shard = -(-large // world_size)
+    # + 32: the one-float non-finite flag that CompressionState(nonfinite="skip") adds to the
+    # dense allreduce; it is sent (and counted) but is no gradient coordinate
+    encoded = 8 * world_size * QSGD(bits=bits).payload_nbytes(shard) + 32 * small + 32
+    return encoded / (large + small)
+
+
+def test_dq_policy_with_compressed_ddp_meets_budget_and_logs_to_csv(tmp_path, ddp_baseline):
+    config = {"strategy": compressed_qsgd4, "policy": dq4}
+    res = run_distributed(_run, 2, config, str(tmp_path))
+    r0, r1 = res
+    assert torch.equal(r0["params"], r1["params"]), "ranks diverged"
+    assert r0["records"] == r1["records"], "the policy decided differently on the two ranks"
+    assert r0["ledger_steps"] == STEPS
+
+    rows = r0["rows"]
+    assert len(rows) == STEPS
+    for name in (*METRICS, "comm/bit_width"):
+        assert all(name in row for row in rows), f"{name} missing from metrics.csv"
+    widths = [row["comm/bit_width"] for row in rows]
+    assert widths == [float(b) for _, _, b in r0["records"]]  # the logged width is the decided one
+
+    # the budget: mean code width within 0.15 bit of mean_bits; on the wire, scales and the dense
+    # biases add ~0.3 bit per coordinate, still within 0.5 of the budget
+    assert abs(sum(widths) / len(widths) - 4.0) < 0.15, sum(widths) / len(widths)
+    per_coord = [row["comm/bits_per_coord"] for row in rows]
+    assert abs(sum(per_coord) / len(per_coord) - 4.0) < 0.5, sum(per_coord) / len(per_coord)
+    # each step's exchange really used the decided width (the ledger counts the packed payloads)
+    for row in rows:
+        expected = _qsgd_bits_per_coord(int(row["comm/bit_width"]), r0["sizes"])
+        assert row["comm/bits_per_coord"] == pytest.approx(expected)
+    # totals are consistent and exact
+    assert rows[-1]["comm/bits_sent_total"] == sum(row["comm/bits_sent"] for row in rows)
+    assert rows[-1]["comm/bits_sent_total"] == 8 * r0["ledger"]["total"]["payload_bytes"]
+    assert all(row["comm/compression_ratio"] > 32 / 9 for row in rows)
+
+    # the width follows the norm: it varies, and for each step's t it is non-decreasing in the norm
+    records = r0["records"]
+    assert records[0][0] is None and records[0][2] == 4  # no norm yet: round(mean_bits)
+    assert len(set(widths)) >= 2, "the bit width never changed"
+    policy = DQPolicy(mean_bits=4.0)
+    norms = sorted(g for g, _, _ in records[1:])
+    for g, t, bits in records[1:]:
+        assert bits == policy.bits_for(g, t)
+        sweep = [policy.bits_for(n, t) for n in norms]
+        assert sweep == sorted(sweep)
+        assert policy.bits_for(g * 16, t) > bits or bits == 8
+        assert policy.bits_for(g / 16, t) < bits or bits == 2
+
+    assert r0["acc"] >= ddp_baseline - 0.02, (r0["acc"], ddp_baseline)
+    assert "float32 DDP" in r0["table"] and "mean bit width" in r0["table"]
+
+
+def test_stock_ddp_without_policy_logs_exact_float32_bits(tmp_path):
+    steps = 12
+    config = {"strategy": plain_ddp, "steps": steps, "hidden": 128}
+    res = run_distributed(_run, 2, config, str(tmp_path))
+    params = sum(res[0]["sizes"])
+    rows = res[0]["rows"]
+    assert len(rows) == steps
+    assert all(row["comm/bits_sent"] == 32 * params for row in rows)
+    assert rows[-1]["comm/bits_sent_total"] == 32 * params * steps
+    assert all(row["comm/compression_ratio"] == 1.0 and row["comm/bits_per_coord"] == 32.0 for row in rows)
+    assert all("comm/bit_width" not in row and "comm/topk_k" not in row for row in rows)
+    assert torch.equal(res[0]["params"], res[1]["params"])
+    assert "1.00x" in res[0]["table"]
+
+
+@pytest.mark.parametrize("policy, min_ratio", [(dq4, 6.0), (topk1, 20.0)], ids=["dq", "adaptive_topk"])
+def test_stock_ddp_with_policy_compresses_and_trains(policy, min_ratio, ddp_baseline, tmp_path):
+    res = run_distributed(_run, 2, {"strategy": plain_ddp, "policy": policy}, str(tmp_path))
+    r0 = res[0]
+    metric = "comm/bit_width" if policy is dq4 else "comm/topk_k"
+    assert [row[metric] for row in r0["rows"]] == [float(v) for _, _, v in r0["records"]]
+    assert torch.equal(r0["params"], res[1]["params"])
+    total = r0["ledger"]["total"]
+    ratio = total["dense_wire_bytes"] / total["wire_bytes"]
+    assert ratio > min_ratio, ratio
+    assert r0["acc"] >= ddp_baseline - 0.03, (r0["acc"], ddp_baseline)
+    if policy is topk1:
+        large, _ = _split(r0["sizes"])
+        mean_k = sum(k for _, _, k in r0["records"]) / len(r0["records"])
+        assert abs(mean_k / large - 0.01) < 0.001, mean_k / large
+        assert len({k for _, _, k in r0["records"]}) > 2
+
+
+@pytest.mark.parametrize(
+    "strategy, policy, accumulate",
+    [(compressed_qsgd4, dq45, 1), (compressed_topk, topk1, 2)],
+    ids=["dq", "topk_with_accumulation"],
+)
+def test_decisions_identical_on_every_rank_with_rank_specific_data(strategy, policy, accumulate):
+    steps = 120
+    config = {"strategy": strategy, "policy": policy, "rank_data": True, "steps": steps, "hidden": 128,
+              "trainer": {"use_distributed_sampler": False, "accumulate_grad_batches": accumulate}}
+    r0, r1 = run_distributed(_run, 2, config)
+    # one decision per optimizer step, also when several backward passes make one step
+    assert len(r0["records"]) == r0["ledger_steps"] == steps
+    assert r0["records"] == r1["records"], "the policy decided differently on the two ranks"
+    assert len({v for _, _, v in r0["records"]}) > 1
+    assert torch.equal(r0["params"], r1["params"])
+    assert r0["policy_state"] == r1["policy_state"]
+
+
+def test_epoch_interval_logs_epoch_totals(tmp_path):
+    config = {"strategy": plain_ddp, "hidden": 64, "n": 256, "batch": 32, "steps": -1,
+              "trainer": {"max_epochs": 2}, "monitor_kwargs": {"logging_interval": "epoch"}}
+    res = run_distributed(_run, 2, config, str(tmp_path))
+    params = sum(res[0]["sizes"])
+    rows = [row for row in res[0]["rows"] if "comm/bits_sent" in row]
+    per_epoch = 256 // 2 // 32
+    assert len(rows) == 2
+    assert [row["comm/bits_sent"] for row in rows] == [32 * params * per_epoch] * 2
+    assert rows[-1]["comm/bits_sent_total"] == 32 * params * 2 * per_epoch
+    assert all(row["comm/compression_ratio"] == 1.0 for row in rows)
+
+
+def _resume(rank, world_size, ckpt_dir):
+    def fit(epochs, ckpt_path=None):
+        pl.seed_everything(0, verbose=False)
+        model = ToyClassifier(n=1024, momentum=0.9)
+        policy = DQPolicy(mean_bits=3.5)
+        monitor = CommunicationMonitor(policy=policy)
+        trainer = pl.Trainer(**trainer_kwargs(world_size, strategy=compressed_qsgd4(), max_epochs=epochs,
+                                              max_steps=-1, callbacks=[monitor]))
+        trainer.fit(model, ckpt_path=ckpt_path)
+        return trainer, model, policy, monitor
+
+    _, full, full_policy, full_monitor = fit(2)
+    trainer, _, half_policy, _ = fit(1)
+    path = os.path.join(ckpt_dir, "half.ckpt")
+    trainer.save_checkpoint(path)
+    _, resumed, resumed_policy, resumed_monitor = fit(2, path)
+    return {"full": flat_params(full), "resumed": flat_params(resumed),
+            "full_policy": full_policy.state_dict(), "half_policy": half_policy.state_dict(),
+            "resumed_policy": resumed_policy.state_dict(),
+            "full_total": full_monitor.comm_state.ledger.total,
+            "resumed_total": resumed_monitor.comm_state.ledger.total}
+
+
+def test_trainer_resume_equals_uninterrupted(tmp_path):
+    res = run_distributed(_resume, 2, str(tmp_path))
+    for r in res:
+        assert r["half_policy"]["budget"]["count"] == 16
+        assert r["resumed_policy"] == r["full_policy"]
+        assert r["resumed_total"] == r["full_total"]
+        assert torch.equal(r["full"], r["resumed"]), (r["full"] - r["resumed"]).abs().max()
+
+
+# -- set-up errors (no processes needed) ----------------------------------------------------
+def _trainer(strategy, monitor):
+    return pl.Trainer(accelerator="cpu", devices=1, strategy=strategy, callbacks=[monitor], logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+
+
+def test_dq_policy_with_a_codec_without_bit_width_fails_at_setup():
+    monitor = CommunicationMonitor(policy=DQPolicy())
+    trainer = _trainer(CompressedDDP(compressor=TopK(ratio=0.01)), monitor)
+    with pytest.raises(TypeError, match="bit width"):
+        monitor.setup(trainer, ToyClassifier(), "fit")
+    monitor = CommunicationMonitor(policy=AdaptiveTopKPolicy())
+    trainer = _trainer(CompressedDDP(compressor=QSGD(bits=4)), monitor)
+    with pytest.raises(TypeError, match="TopK"):
+        monitor.setup(trainer, ToyClassifier(), "fit")
+
+
+def test_stock_ddp_with_its_own_comm_hook_is_refused():
+    from pytorch_lightning.strategies import DDPStrategy
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    monitor = CommunicationMonitor()
+    trainer = _trainer(DDPStrategy(ddp_comm_hook=default_hooks.fp16_compress_hook), monitor)
+    with pytest.raises(ValueError, match="ddp_comm_hook"):
+        monitor.setup(trainer, ToyClassifier(), "fit")
+
+
+def test_policy_without_ddp_is_refused_and_compressor_clash_is_refused():
+    monitor = CommunicationMonitor(policy=DQPolicy())
+    trainer = _trainer("auto", monitor)
+    with pytest.raises(ValueError, match="DDP"):
+        monitor.setup(trainer, ToyClassifier(), "fit")
+    monitor = CommunicationMonitor(compressor=NoCompression())
+    trainer = _trainer(CompressedDDP(), monitor)
+    with pytest.raises(ValueError, match="CompressedDDP"):
+        monitor.setup(trainer, ToyClassifier(), "fit")
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        ({"logging_interval": "batch"}, ValueError, "logging_interval"),
+        ({"policy": "dq"}, TypeError, "policy"),
+        ({"policy": DQPolicy(), "compressor": TopK(k=3)}, TypeError, "bit width"),
+        ({"policy": AdaptiveTopKPolicy(), "compressor": "qsgd"}, TypeError, "TopK"),
+        ({"min_compression_size": -1}, ValueError, "min_compression_size"),
+        ({"compressor": "zip"}, ValueError, "compressor"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        CommunicationMonitor(**kwargs)
+
+
+def test_monitor_pickles_for_spawn():
+    import pickle
+
+    monitor = CommunicationMonitor(policy=DQPolicy(mean_bits=3.0))
+    clone = pickle.loads(pickle.dumps(monitor))
+    assert clone.policy.mean_bits == 3.0
+    assert math.isclose(clone.policy.budget.gain, 0.1)
