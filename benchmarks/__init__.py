@@ -1,0 +1,1 @@
+"""Benchmarks of lightning_compress (``python benchmarks/netem.py --help``)."""
