@@ -840,20 +840,26 @@ def _family(result: dict[str, Any], key: str) -> str:
     return next((r["family"] for r in result["runs"] if r["method"] == key), "")
 
 
-def _methods_in(result: dict[str, Any], task: str, world: int) -> list[str]:
+def _seen(result: dict[str, Any], task: str, world: int, field: str) -> list[str]:
     seen: list[str] = []
     for run in result["runs"]:
-        if run["task"] == task and run["world"] == world and run["method"] not in seen:
-            seen.append(run["method"])
+        if run["task"] == task and run["world"] == world and run[field] not in seen:
+            seen.append(run[field])
     return seen
+
+
+def _methods_in(result: dict[str, Any], task: str, world: int) -> list[str]:
+    """The methods run, baselines first in the default order, then the extra combinations as run
+    (a resumed or redone run appends to the results, so the order in the file is not a guide)."""
+    seen = _seen(result, task, world, "method")
+    order = {key: i for i, key in enumerate(DEFAULT_METHODS)}
+    return sorted(seen, key=lambda k: (order.get(k, len(order)), seen.index(k)))
 
 
 def _rates_in(result: dict[str, Any], task: str, world: int) -> list[str]:
-    seen: list[str] = []
-    for run in result["runs"]:
-        if run["task"] == task and run["world"] == world and run["rate"] not in seen:
-            seen.append(run["rate"])
-    return seen
+    """The rates run: loopback, then unthrottled namespaces, then slowest to fastest."""
+    rank = {LOOPBACK: -2.0, "inf": -1.0}
+    return sorted(_seen(result, task, world, "rate"), key=lambda r: rank.get(r, _rate_value(r) or 0.0))
 
 
 def _run(result: dict[str, Any], task: str, world: int, rate: str, method: str) -> dict[str, Any] | None:
@@ -1169,6 +1175,26 @@ def curve_agreement(result: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def _link_use(result: dict[str, Any]) -> str:
+    """What the emulated links delivered: interface bytes per step over step time, by method."""
+    parts = []
+    for task, world in dict.fromkeys((r["task"], r["world"]) for r in result["runs"]):
+        for rate in _rates_in(result, task, world):
+            nominal = _rate_value(rate)
+            if nominal is None:
+                continue
+            shown = []
+            for key in ("ddp", "qsgd4"):
+                run = _run(result, task, world, rate, key)
+                tx = per_worker_bytes(run)[0] if run and _ok(run) else None
+                if tx:
+                    mb_s = tx / mean_step(run) / 1e6
+                    shown.append(f"{_label(result, key)} {mb_s:.1f} MB/s ({mb_s * 8 / nominal:.0%})")
+            if shown:
+                parts.append(f"{task}, {world} workers, {rate_label(rate)}: " + ", ".join(shown))
+    return "; ".join(parts)
+
+
 def _notes(result: dict[str, Any]) -> list[str]:
     agreement = curve_agreement(result)
     lines = []
@@ -1201,6 +1227,22 @@ def _notes(result: dict[str, Any]) -> list[str]:
         "`start_powerSGD_iter=2` (its two first steps are plain float32 allreduce, counted in its time to "
         "target), error feedback and warm start, one DDP bucket (`bucket_cap_mb=256`: it fails on gloo with "
         "several). Every method uses the same single bucket.",
+        *(
+            [
+                "- **What the links delivered** (interface bytes per step / step time, as a share of the "
+                "nominal rate; the step also computes, so this is a lower bound on the link's speed): "
+                + link_use
+                + ". Stock DDP's one large allreduce fills a 10 or 100 Mbit/s link. At 1 Gbit/s it does "
+                "not: veth, bridge and tbf handle every 1448-byte segment in softirq on the same two "
+                "cores that train, so these runs are most likely CPU-bound (not profiled) and understate "
+                "what a real 1 Gbit/s link gives every method. QSGD's exchange is two smaller collectives "
+                "per step (all-to-all of shards, then all-gather) with decoding and re-encoding between "
+                "them, and uses the link less fully than one large allreduce; where the rest of its time "
+                "goes was not profiled.",
+            ]
+            if (link_use := _link_use(result))
+            else []
+        ),
         "- **Local SGD** recommendations: near-IID data (as here) favours local steps; with "
         "heterogeneous data "
         "minibatch SGD has the better guarantees (Woodworth et al., arXiv 2006.04735).",
