@@ -1232,13 +1232,17 @@ def _notes(result: dict[str, Any]) -> list[str]:
                 "- **What the links delivered** (interface bytes per step / step time, as a share of the "
                 "nominal rate; the step also computes, so this is a lower bound on the link's speed): "
                 + link_use
-                + ". Stock DDP's one large allreduce fills a 10 or 100 Mbit/s link. At 1 Gbit/s it does "
-                "not: veth, bridge and tbf handle every 1448-byte segment in softirq on the same two "
-                "cores that train, so these runs are most likely CPU-bound (not profiled) and understate "
-                "what a real 1 Gbit/s link gives every method. QSGD's exchange is two smaller collectives "
-                "per step (all-to-all of shards, then all-gather) with decoding and re-encoding between "
-                "them, and uses the link less fully than one large allreduce; where the rest of its time "
-                "goes was not profiled.",
+                + ". Stock DDP sends one large allreduce per step; QSGD's exchange is two smaller "
+                "collectives (all-to-all of shards, then all-gather) with decoding and re-encoding "
+                "between them, which tends to leave the link idle part of the time (not profiled further)."
+                + (
+                    " Where even DDP falls far short of the nominal rate (1 Gbit/s here), the emulation "
+                    "itself is the limit: veth, bridge and tbf handle every 1448-byte segment in softirq on "
+                    "the same cores that train, so those runs are most likely CPU-bound (not profiled) and "
+                    "understate what a real link of that rate gives every method."
+                    if any(r["rate"] == "1000" for r in result["runs"])
+                    else ""
+                ),
             ]
             if (link_use := _link_use(result))
             else []
