@@ -51,28 +51,7 @@ def netns_available() -> tuple[bool, str]:
     except (subprocess.SubprocessError, OSError) as err:
         return False, f"`ip netns add` failed: {getattr(err, 'stderr', '') or err}"
     try:
-        _run(["ip", "netns", "exec", probe, "ip", "link", "add", "p0", "type", "veth", "peer", "name", "p1"])
-        _run(
-            [
-                "ip",
-                "netns",
-                "exec",
-                probe,
-                "tc",
-                "qdisc",
-                "add",
-                "dev",
-                "p0",
-                "root",
-                "tbf",
-                "rate",
-                "10mbit",
-                "burst",
-                "32kb",
-                "latency",
-                "50ms",
-            ]
-        )
+        _veth_with_qdisc(probe, "tbf rate 10mbit burst 32kb latency 50ms")
     except (subprocess.SubprocessError, OSError) as err:
         return False, f"veth/tbf unavailable: {getattr(err, 'stderr', '') or err}"
     finally:
@@ -85,32 +64,19 @@ def netem_available() -> bool:
     probe = f"lcbench-{os.getpid()}-netem"
     try:
         _run(["ip", "netns", "add", probe])
-        _run(["ip", "netns", "exec", probe, "ip", "link", "add", "p0", "type", "veth", "peer", "name", "p1"])
-        return (
-            _run(
-                [
-                    "ip",
-                    "netns",
-                    "exec",
-                    probe,
-                    "tc",
-                    "qdisc",
-                    "add",
-                    "dev",
-                    "p0",
-                    "root",
-                    "netem",
-                    "delay",
-                    "1ms",
-                ],
-                check=False,
-            ).returncode
-            == 0
-        )
+        _veth_with_qdisc(probe, "netem delay 1ms")
+        return True
     except (subprocess.SubprocessError, OSError):
         return False
     finally:
         _run(["ip", "netns", "del", probe], check=False)
+
+
+def _veth_with_qdisc(netns: str, qdisc: str) -> None:
+    """A throwaway veth pair in ``netns`` with ``qdisc`` on one end; raises if either fails."""
+    inside = ["ip", "netns", "exec", netns]
+    _run([*inside, "ip", "link", "add", "p0", "type", "veth", "peer", "name", "p1"])
+    _run([*inside, "tc", "qdisc", "add", "dev", "p0", "root", *qdisc.split()])
 
 
 def tbf_burst_bytes(rate_mbit: float) -> int:
