@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_compress.examples.classifier import Classifier
+from lightning_compress.examples.classifier import Classifier, check_at_least
 from lightning_compress.examples.download import DatasetUnavailableError, download
 
 __all__ = ["AGNewsClassifier", "AGNewsDataModule", "hash_tokens", "read_agnews_csv"]
@@ -116,14 +116,10 @@ class AGNewsDataModule(pl.LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if num_buckets < 2:
-            raise ValueError(f"num_buckets must be >= 2, got {num_buckets}")
-        if ngrams < 1:
-            raise ValueError(f"ngrams must be >= 1, got {ngrams}")
-        if max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        check_at_least("batch_size", batch_size, 1)
+        check_at_least("num_buckets", num_buckets, 2)
+        check_at_least("ngrams", ngrams, 1)
+        check_at_least("max_tokens", max_tokens, 1)
         self.save_hyperparameters()
         self.data_dir = Path(data_dir)
         self.num_buckets = num_buckets
@@ -210,8 +206,7 @@ class AGNewsClassifier(Classifier):
         )
         if encoder not in ("bag", "bilstm"):
             raise ValueError(f"encoder must be 'bag' or 'bilstm', got {encoder!r}")
-        if num_buckets < 2:
-            raise ValueError(f"num_buckets must be >= 2, got {num_buckets}")
+        check_at_least("num_buckets", num_buckets, 2)
         if embed_dim < 1 or hidden < 1:
             raise ValueError(f"embed_dim and hidden must be >= 1, got {embed_dim} and {hidden}")
         self.save_hyperparameters()

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_compress.examples.classifier import Classifier
+from lightning_compress.examples.classifier import Classifier, check_at_least
 from lightning_compress.examples.download import DatasetUnavailableError, download
 
 __all__ = ["CIFAR10DataModule", "ResNet18", "augment_batch", "read_cifar_batch"]
@@ -88,10 +88,8 @@ class CIFAR10DataModule(pl.LightningDataModule):
         num_workers: int = 2,
     ) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        check_at_least("batch_size", batch_size, 1)
+        check_at_least("num_workers", num_workers, 0)
         self.save_hyperparameters()
         self.data_dir = Path(data_dir)
         self.train_set: TensorDataset | None = None
@@ -207,8 +205,7 @@ class ResNet18(Classifier):
         super().__init__(
             num_classes=num_classes, lr=lr, momentum=momentum, weight_decay=weight_decay, cosine=cosine
         )
-        if width < 1:
-            raise ValueError(f"width must be >= 1, got {width}")
+        check_at_least("width", width, 1)
         self.save_hyperparameters()
         widths = [width, 2 * width, 4 * width, 8 * width]
         layers: list[nn.Module] = [nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]

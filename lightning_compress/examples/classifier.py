@@ -9,7 +9,13 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-__all__ = ["Classifier"]
+__all__ = ["Classifier", "check_at_least"]
+
+
+def check_at_least(name: str, value: float, low: float) -> None:
+    """Raise ``ValueError`` naming ``name`` and its bound unless ``value >= low``."""
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
 
 
 class Classifier(pl.LightningModule):
@@ -38,14 +44,12 @@ class Classifier(pl.LightningModule):
         cosine: bool = False,
     ) -> None:
         super().__init__()
-        if num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        check_at_least("num_classes", num_classes, 2)
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        check_at_least("weight_decay", weight_decay, 0)
         self.lr = lr
         self.momentum = momentum
         self.weight_decay = weight_decay

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_compress.examples.classifier import Classifier
+from lightning_compress.examples.classifier import Classifier, check_at_least
 
 __all__ = ["DigitsCNN", "DigitsDataModule", "load_digits_split"]
 
@@ -56,12 +56,10 @@ class DigitsDataModule(pl.LightningDataModule):
         self, batch_size: int = 32, val_fraction: float = 0.2, seed: int = 0, num_workers: int = 0
     ) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        check_at_least("batch_size", batch_size, 1)
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        check_at_least("num_workers", num_workers, 0)
         self.save_hyperparameters()
         self.train_set: TensorDataset | None = None
         self.val_set: TensorDataset | None = None
@@ -104,8 +102,7 @@ class DigitsCNN(Classifier):
         cosine: bool = True,
     ) -> None:
         super().__init__(num_classes=10, lr=lr, momentum=momentum, weight_decay=weight_decay, cosine=cosine)
-        if hidden < 1:
-            raise ValueError(f"hidden must be >= 1, got {hidden}")
+        check_at_least("hidden", hidden, 1)
         self.save_hyperparameters()
         self.net = nn.Sequential(
             nn.Conv2d(1, 32, 3, padding=1),
