@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from lightning_compress.comm.collectives import allreduce_mean, exchange
+from lightning_compress.comm.collectives import allreduce_mean, exchange, write_flat_
 from lightning_compress.comm.ledger import BitLedger
 from lightning_compress.compressors import Compressor, resolve_compressor
 from lightning_compress.feedback import ErrorFeedback
@@ -210,12 +210,12 @@ class CompressionState:
                 if self.last_step_skipped:
                     self._on_nonfinite(bad_ranks, small_views + large_views)
                     return
-            _write_back(small_views, flat)
+            write_flat_(small_views, flat[: flat.numel() - check])  # less the flag
 
         # 2. One compressed exchange for all large tensors.
         if grad is not None:
             average = self._compressed_average(grad, tuple((name, v.numel()) for _, v, name in large))
-            _write_back(large_views, average)
+            write_flat_(large_views, average)
             self.last_grad_norm = float(torch.linalg.vector_norm(average))
 
     def _on_nonfinite(self, bad_ranks: int, views: list[Tensor]) -> None:
@@ -344,14 +344,6 @@ def _nonfinite_flag(flats: list[Tensor]) -> Tensor:
         return torch.zeros(1)
     extremes = torch.stack([torch.stack(torch.aminmax(f)) for f in flats if f.numel()] or [torch.zeros(2)])
     return (~torch.isfinite(extremes).all()).to(torch.float32).reshape(1)
-
-
-def _write_back(views: list[Tensor], flat: Tensor) -> None:
-    offset = 0
-    for view in views:
-        n = view.numel()
-        view.copy_(flat[offset : offset + n].view_as(view))
-        offset += n
 
 
 def compressed_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:

@@ -12,6 +12,7 @@ indices, scales, sketch tables), never a decoded float tensor.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,18 @@ class ExchangeResult:
 
 def _world(group: ProcessGroup | None) -> int:
     return dist.get_world_size(group)
+
+
+@torch.no_grad()
+def write_flat_(tensors: Sequence[Tensor], flat: Tensor) -> None:
+    """Copy consecutive slices of ``flat`` into ``tensors`` (cast to each tensor's dtype)."""
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[offset : offset + n].view_as(t))
+        offset += n
+    if offset != flat.numel():
+        raise ValueError(f"flat vector holds {flat.numel()} elements, the tensors {offset}")
 
 
 def allreduce_mean(x: Tensor, group: ProcessGroup | None, ledger: BitLedger | None) -> Tensor:

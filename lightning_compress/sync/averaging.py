@@ -34,7 +34,7 @@ import torch.distributed as dist
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 
-from lightning_compress.comm.collectives import allreduce_mean
+from lightning_compress.comm.collectives import allreduce_mean, write_flat_
 from lightning_compress.comm.ledger import BitLedger, allreduce_wire_bytes
 from lightning_compress.sync.base import SyncSchedule
 
@@ -54,18 +54,6 @@ def flatten(tensors: Sequence[Tensor]) -> Tensor:
     if not tensors:
         return torch.empty(0, dtype=torch.float32)
     return torch.cat([t.detach().reshape(-1).to(torch.float32) for t in tensors])
-
-
-@torch.no_grad()
-def write_flat_(tensors: Sequence[Tensor], flat: Tensor) -> None:
-    """Copy consecutive slices of ``flat`` into ``tensors`` (cast to each tensor's dtype)."""
-    offset = 0
-    for t in tensors:
-        n = t.numel()
-        t.copy_(flat[offset : offset + n].view_as(t))
-        offset += n
-    if offset != flat.numel():
-        raise ValueError(f"flat vector holds {flat.numel()} elements, the tensors {offset}")
 
 
 @torch.no_grad()
