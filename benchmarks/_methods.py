@@ -255,7 +255,7 @@ def methods(extra: tuple[str, ...] = ()) -> dict[str, Method]:
             "sketch",
             "Sketched SGD (CountSketch 1%)",
             "lightning_compress",
-            _compressed(_sketch, sketch_momentum=0.9),
+            _compressed(_sketch, momentum=0.9),
             momentum=0.0,
         ),
         Method(

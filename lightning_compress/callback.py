@@ -38,6 +38,7 @@ BITS_PER_COORD = "comm/bits_per_coord"
 WIRE_BITS = "comm/wire_bits"
 BIT_WIDTH = "comm/bit_width"
 TOPK_K = "comm/topk_k"
+GRAD_NORM = "comm/grad_norm"
 
 
 class CommunicationMonitor(Callback):
@@ -58,6 +59,9 @@ class CommunicationMonitor(Callback):
     - ``comm/bit_width`` (QSGD) or ``comm/topk_k`` (Top-K): the codec setting of the step's
       compressed exchange, chosen by the policy or fixed (absent for steps that sent nothing
       compressed: warm-up, local steps).
+    - ``comm/grad_norm``: the norm the policy decided from: this step's pre-compression gradient
+      norm of the compressed tensors, ``sqrt(mean over ranks of ||g_r||²)`` (same steps as the
+      setting).
 
     The values are this rank's (``sync_dist=False``: no collective is added, so logging can never
     deadlock). Every rank exchanges payloads of the same size, so they agree on every rank; the
@@ -132,8 +136,6 @@ class CommunicationMonitor(Callback):
         self._own_state: CompressionState | None = None  # the state this monitor installed (stock DDP)
         self._disabled = False
         self._numel = 0  # gradient coordinates that travel through the codec
-        self._decided_for: int | None = None  # CompressionState.step of the last decision
-        self._compressed: bool = False  # whether the next exchange goes through the codec
         self._logged_steps = 0  # ledger.steps already logged
         self._setting_sum = 0.0
         self._setting_count = 0
@@ -242,25 +244,9 @@ class CommunicationMonitor(Callback):
                 )
             # only when needed: estimating the run length may load the train dataloader early
             self.policy.setup(self._numel, _total_steps(trainer) if self.policy.needs_total_steps else None)
-        self._decided_for = None
+        # the exchange itself decides, on every rank, from this step's reduced gradient norm
+        state.policy = self.policy
         self._logged_steps = state.ledger.steps
-
-    # -- the policy --------------------------------------------------------------------------
-    def on_before_backward(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
-    ) -> None:
-        # Strategy.backward calls pre_backward (where CompressedDDP's schedule sets `communicate`)
-        # before this hook, and the gradient hook runs during the backward after it. With gradient
-        # accumulation there are several backwards per exchange: decide once, keyed by the hook's
-        # exchange counter, identical on every rank.
-        state = self._state
-        if state is None or self._decided_for == state.step:
-            return
-        self._decided_for = state.step
-        self._compressed = state.communicate and state.step >= state.warmup_steps
-        if self.policy is not None and self._compressed:
-            value = self.policy.decide(state.last_grad_norm, trainer.global_step)
-            self.policy.apply(state.compressor, value)
 
     def _setting(self) -> tuple[str, float] | None:
         compressor = self.compressor
@@ -287,7 +273,7 @@ class CommunicationMonitor(Callback):
         if ledger.steps == self._logged_steps:
             return  # no exchange in this batch (gradient accumulation)
         self._logged_steps = ledger.steps
-        setting = self._setting() if self._compressed else None
+        setting = self._setting() if state.last_compressed else None
         if setting is not None:
             self._setting_sum += setting[1]
             self._setting_count += 1
@@ -303,6 +289,8 @@ class CommunicationMonitor(Callback):
         }
         if setting is not None:
             metrics[setting[0]] = setting[1]
+            if state.last_grad_norm is not None:
+                metrics[GRAD_NORM] = state.last_grad_norm
         # schedules that decide something per step (backup workers: contributions, dropped
         # ranks) expose it through metrics(); identical on every rank, so no reduction needed
         schedule_metrics = getattr(getattr(trainer.strategy, "sync", None), "metrics", None)

@@ -22,10 +22,18 @@ How it works (and why it is safe on gloo with many buckets):
 
 Error-feedback residuals are kept per parameter name, so DDP's bucket rebuild after the first
 iteration, or a resume with another bucket size, keeps them where they belong.
+
+With ``momentum > 0`` (Top-K or a count sketch) the momentum lives in the exchange, per
+coordinate: ``u ← m·u + g`` on every coordinate (the dense ones send ``u``), and the compressed
+part sends the top ``k`` of ``v ← v + u`` (momentum correction and factor masking of Deep Gradient
+Compression, arXiv 1712.01887; Sketched SGD, arXiv 1903.04488). The optimizer then runs without
+momentum. ``u`` and ``v`` use the same per-parameter bookkeeping as the residuals.
 """
 
 import logging
+import warnings
 from collections.abc import Iterable
+from numbers import Real
 from typing import Any
 
 import torch
@@ -41,6 +49,7 @@ from lightning_compress.feedback import ErrorFeedback
 log = logging.getLogger(__name__)
 
 _COMPRESSED = "compressed"
+_DENSE = "dense"
 
 
 class CompressionState:
@@ -57,9 +66,27 @@ class CompressionState:
             typical values 256-4096.
         warmup_steps: optimizer steps of plain float32 allreduce before compression starts
             (PowerSGD's ``start_powerSGD_iter``); helps accuracy early in training. 0 disables.
-        sketch_momentum: Sketched SGD's momentum ``ρ`` (``u ← ρu + g``), used only with a
-            :class:`~lightning_compress.compressors.CountSketch`. Keep the optimizer's own momentum
-            at 0 when using it; the paper uses 0.9.
+        momentum: momentum ``m`` applied inside the exchange, before compression, for
+            :class:`~lightning_compress.compressors.TopK` and
+            :class:`~lightning_compress.compressors.CountSketch` (other codecs raise ``ValueError``:
+            keep the optimizer's momentum with them). Every rank keeps, per coordinate,
+            ``u ← m·u + g`` and ``v ← v + u``, sends the top ``k`` of ``v`` (Top-K: momentum
+            correction of Deep Gradient Compression, Lin et al., arXiv 1712.01887, Sec. 3.2;
+            sketch: Sketched SGD, Ivkin et al., arXiv 1903.04488, Alg. 1) and zeroes ``v`` where
+            it was sent. Sparsifying the momentum-corrected ``v`` rather than ``g`` is what keeps
+            Top-K at 1% close to dense momentum SGD; error feedback on ``g`` with the optimizer's
+            momentum applied after sparsification loses accuracy (measured: 8 points on the
+            benchmark MLP, docs/compression.md). Tensors below ``min_compression_size`` and
+            warm-up steps send ``u`` itself (plain momentum SGD), so biases and norms get the
+            momentum too. **Set the optimizer's momentum to 0** (``torch.optim.SGD(momentum=0)``):
+            :class:`~lightning_compress.CompressedDDP` warns at setup when it is not. 0 (default)
+            turns it off (a count sketch then still accumulates ``v``); 0.9 is what both papers use.
+        momentum_masking: factor masking (arXiv 1712.01887, Sec. 3.2; Alg. 1 line 11 of
+            arXiv 1903.04488): also zero ``u`` at the coordinates just sent, so that momentum
+            built up while a coordinate waited is not applied a second time after it was sent
+            (stale momentum). On by default, as in both papers; only meaningful with
+            ``momentum > 0``. Off, a coordinate keeps its momentum, and with ``k = d`` the
+            exchange equals dense momentum SGD exactly.
         seed: seeds the stochastic rounding; rank ``r`` draws from ``seed + r`` so ranks make
             independent rounding choices (their errors average out).
         nonfinite: what to do when any rank's gradient holds NaN or Inf: ``"skip"`` (default) skips
@@ -70,6 +97,8 @@ class CompressionState:
             sends no flag and averages whatever arrives, exactly like stock DDP (NaN spreads to
             every rank, and into the error-feedback memory).
         process_group: the group to communicate in (``None``: the default group).
+        sketch_momentum: deprecated alias of ``momentum`` for a count sketch (warns); raises for
+            other codecs, where it used to be ignored.
 
     """
 
@@ -79,10 +108,13 @@ class CompressionState:
         error_feedback: bool | None = None,
         min_compression_size: int = 1024,
         warmup_steps: int = 0,
-        sketch_momentum: float = 0.0,
+        momentum: float = 0.0,
         seed: int = 0,
         nonfinite: str = "skip",
         process_group: dist.ProcessGroup | None = None,
+        *,
+        momentum_masking: bool = True,
+        sketch_momentum: float | None = None,
     ) -> None:
         self.compressor = resolve_compressor(compressor)
         if error_feedback is not None and not isinstance(error_feedback, bool):
@@ -93,31 +125,52 @@ class CompressionState:
             raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
         if nonfinite not in ("skip", "raise", "ignore"):
             raise ValueError(f"nonfinite must be 'skip', 'raise' or 'ignore', got {nonfinite!r}")
-        if not 0.0 <= float(sketch_momentum) < 1.0:
-            raise ValueError(f"sketch_momentum must be in [0, 1), got {sketch_momentum!r}")
+        momentum = resolve_momentum(self.compressor, momentum, sketch_momentum)
+        if not isinstance(momentum_masking, bool):
+            raise TypeError(f"momentum_masking must be True or False, got {momentum_masking!r}")
+        if momentum > 0.0 and not self.uses_sketch and error_feedback is False:
+            raise ValueError(
+                f"momentum={momentum} (momentum correction) accumulates what was not sent, which is error "
+                "feedback; error_feedback=False contradicts it: leave error_feedback unset or set momentum=0"
+            )
         self.error_feedback = (not self.compressor.unbiased) if error_feedback is None else error_feedback
         self.min_compression_size = min_compression_size
         self.warmup_steps = warmup_steps
-        self.sketch_momentum = float(sketch_momentum)
+        #: momentum ``m`` applied in the exchange (0: off); see the class docstring
+        self.momentum = momentum
+        self.momentum_masking = momentum_masking
         self.seed = int(seed)
         self.nonfinite = nonfinite
         self.process_group = process_group
 
         self.ledger = BitLedger()
+        #: ``v`` / the error-feedback residual of the compressed part (key ``"compressed"``)
         self.memory = ErrorFeedback()
-        self.momentum = ErrorFeedback()  # Sketched SGD's u, same per-parameter bookkeeping
+        #: the momentum ``u``, same per-parameter bookkeeping: key ``"compressed"`` for the large
+        #: tensors, ``"dense"`` for those sent uncompressed (with ``momentum > 0`` only)
+        self.velocity = ErrorFeedback()
         self.step = 0
-        #: the L2 norm of the last averaged (decoded) gradient: identical on every rank, which is
-        #: what policies base their per-step decisions on.
+        #: the pre-compression L2 norm of the last exchanged gradient (its compressed part), reduced
+        #: across ranks: ``sqrt(mean over ranks of ||g_r||²)``. Identical on every rank; what a
+        #: policy decides from (not the decoded average, whose norm quantization noise inflates).
         self.last_grad_norm: float | None = None
+        #: a per-step policy (:mod:`lightning_compress.policies`), set by the
+        #: :class:`~lightning_compress.CommunicationMonitor`: decided on every rank at every
+        #: compressed exchange, from this step's reduced norm, before the codec runs.
+        self.policy: Any = None
         #: set by a sync schedule: False skips the exchange (local steps) and leaves gradients local.
         self.communicate = True
+        #: whether the last step's exchange sent gradients through the codec (not warm-up or local)
+        self.last_compressed = False
         #: whether the last exchange found non-finite gradients on some rank (and was skipped)
         self.last_step_skipped = False
         self.skipped_steps = 0
         self.names: dict[int, tuple[int, str]] = {}
         self._pending: list[tuple[Tensor, list[Tensor], torch.futures.Future]] = []
-        self._layout: tuple[tuple[str, int], ...] = ()
+        self._layout: tuple[tuple[str, int], ...] = ()  # of the compressed memories
+        self._dense_layout: tuple[tuple[str, int], ...] = ()  # of the dense momentum
+        #: per-parameter memories of parameters in neither layout now (kept, and checkpointed)
+        self._orphans: dict[str, dict[str, Tensor]] = {"residuals": {}, "momentum": {}}
         self._stash: dict[str, Any] | None = None
         self._generator: torch.Generator | None = None
 
@@ -133,6 +186,11 @@ class CompressionState:
     @property
     def uses_sketch(self) -> bool:
         return self.compressor.exchange == "sketch"
+
+    @property
+    def sketch_momentum(self) -> float:
+        """Deprecated alias of :attr:`momentum` (read-only)."""
+        return self.momentum
 
     def _rng(self, device: torch.device) -> torch.Generator:
         if self._generator is None or self._generator.device != device:
@@ -154,6 +212,7 @@ class CompressionState:
     def flush(self) -> None:
         """Exchange every parked bucket (see the module docstring, step 2) and complete futures."""
         pending, self._pending = self._pending, []
+        self.last_compressed = False
         try:
             if self.communicate:
                 self._exchange(pending)
@@ -169,7 +228,7 @@ class CompressionState:
             self.step += 1
 
     def _exchange(self, pending: list[tuple[Tensor, list[Tensor], torch.futures.Future]]) -> None:
-        small: list[tuple[int, Tensor]] = []
+        small: list[tuple[int, Tensor, str]] = []
         large: list[tuple[int, Tensor, str]] = []
         warm = self.step < self.warmup_steps
         unbound = len(self.names)  # parameters the state was not bound to keep their bucket order
@@ -181,7 +240,7 @@ class CompressionState:
                 index, name = self.names.get(id(p), (unbound, f"unbound{unbound}"))
                 unbound += id(p) not in self.names
                 if warm or p.numel() < self.min_compression_size:
-                    small.append((index, view))
+                    small.append((index, view, name))
                 else:
                     large.append((index, view, name))
         # Model order, not bucket order: DDP rebuilds its buckets after the first iteration (and
@@ -189,34 +248,74 @@ class CompressionState:
         # quantization bucket and random draw, must not depend on that.
         small.sort(key=lambda t: t[0])
         large.sort(key=lambda t: t[0])
-        small_views = [v for _, v in small]
+        small_views = [v for _, v, _ in small]
         large_views = [v for _, v, _ in large]
+        large_layout = tuple((name, v.numel()) for _, v, name in large)
+        momentum = self.momentum > 0.0
+        dense_layout = tuple((name, v.numel()) for _, v, name in small) if momentum else ()
+        if small or large:
+            self._ensure_layouts(large_layout, dense_layout, (small_views + large_views)[0].device)
 
-        # 1. The dense allreduce of the small tensors carries one extra element: how many ranks
-        #    hold non-finite gradients. Every rank then knows it, so all skip (or raise) together
-        #    and no rank is left alone in the compressed exchange below.
+        # 1. The dense allreduce of the small tensors carries up to two extra elements: how many
+        #    ranks hold non-finite gradients (every rank then knows it, so all skip or raise
+        #    together and no rank is left alone in the compressed exchange below), and this
+        #    rank's squared pre-compression norm of the large part (its mean over ranks is what a
+        #    policy decides this step's setting from, identically on every rank).
         check = self.nonfinite != "ignore"
         small_flat = [t.reshape(-1).to(torch.float32) for t in small_views]
         grad = torch.cat([t.reshape(-1).to(torch.float32) for t in large_views]) if large else None
+        # the norm rides with the non-finite flag, or is sent for a policy; with nonfinite="ignore"
+        # and no policy nothing extra is sent (the monitor's metering of stock DDP stays exact)
+        track = grad is not None and (self.policy is not None or check)
+        extra = int(check) + int(track)
+        n_small = len(small_flat)
         if check:
             small_flat.append(_nonfinite_flag(small_flat + ([grad] if grad is not None else [])))
+        dense_u = None
+        if momentum and n_small:
+            # 1.1 Momentum on every coordinate: what travels dense (small tensors, warm-up steps)
+            #     is u ← m·u + g itself, plain momentum SGD (no sparsification, so no masking);
+            #     stored only once the step is known to be finite.
+            dense_u = self._dense_momentum(torch.cat(small_flat[:n_small]))
+            small_flat[:n_small] = [dense_u]
+        if track:
+            assert grad is not None
+            small_flat.append(torch.linalg.vector_norm(grad).square().reshape(1))
         if small_flat:
             flat = torch.cat(small_flat)
-            self.ledger.record_coords(flat.numel() - check, 4 * flat.numel(), self.world_size)
+            self.ledger.record_coords(flat.numel() - extra, 4 * flat.numel(), self.world_size)
             flat = allreduce_mean(flat, self.process_group, self.ledger)
             if check:
-                bad_ranks = round(float(flat[-1]) * self.world_size)
+                bad_ranks = round(float(flat[-1 - int(track)]) * self.world_size)
                 self.last_step_skipped = bad_ranks > 0
                 if self.last_step_skipped:
                     self._on_nonfinite(bad_ranks, small_views + large_views)
                     return
-            write_flat_(small_views, flat[: flat.numel() - check])  # less the flag
+            if track:
+                self.last_grad_norm = float(flat[-1].sqrt())
+            if dense_u is not None:
+                self.velocity.residuals[_DENSE] = dense_u
+            write_flat_(small_views, flat[: flat.numel() - extra])  # less the flag and the norm
 
-        # 2. One compressed exchange for all large tensors.
+        # 2. One compressed exchange for all large tensors, with the setting the policy picks
+        #    for this step (on every rank, from the same reduced norm).
         if grad is not None:
-            average = self._compressed_average(grad, tuple((name, v.numel()) for _, v, name in large))
+            if not warm:
+                self.decide(self.last_grad_norm if track else None)
+                self.last_compressed = True
+            average = self._compressed_average(grad, large_layout)
             write_flat_(large_views, average)
-            self.last_grad_norm = float(torch.linalg.vector_norm(average))
+
+    def decide(self, grad_norm: float | None, step: int | None = None) -> None:
+        """Let the policy (if any) set the codec for the compressed exchange of ``step``.
+
+        Every caller runs it on every rank, once per compressed exchange, with a norm and a step
+        (default: this hook's exchange counter) that are identical on every rank: the policy's
+        state then advances identically everywhere.
+        """
+        if self.policy is not None:
+            value = self.policy.decide(grad_norm, self.step if step is None else step)
+            self.policy.apply(self.compressor, value)
 
     def _on_nonfinite(self, bad_ranks: int, views: list[Tensor]) -> None:
         message = (
@@ -230,24 +329,13 @@ class CompressionState:
             view.zero_()
 
     def _compressed_average(self, grad: Tensor, layout: tuple[tuple[str, int], ...]) -> Tensor:
-        if layout != self._layout:
-            self._relayout(layout, grad.device)
+        self._ensure_layouts(layout, self._dense_layout, grad.device)
         generator = self._rng(grad.device)
-        if self.uses_sketch:
-            # Sketched SGD (arXiv 1903.04488, Alg. 1): u ← ρu + g; v ← v + u; exchange S(v)
-            u = (
-                self.momentum.compensate(_COMPRESSED, torch.zeros_like(grad))
-                .mul_(self.sketch_momentum)
-                .add_(grad)
-            )
-            self.momentum.residuals[_COMPRESSED] = u
-            v = self.memory.compensate(_COMPRESSED, u)
-            result = exchange(self.compressor, v, self.process_group, self.ledger, generator)
-            # zero u and v where the update was applied (Alg. 1, line 11)
-            u[result.applied] = 0.0
-            v[result.applied] = 0.0
-            self.memory.residuals[_COMPRESSED] = v
-            return result.average
+        if getattr(self.compressor, "per_layer", False):
+            # per-layer selection needs the parameters' sizes in the fused vector (same on every rank)
+            self.compressor.segments = tuple(numel for _, numel in layout)  # type: ignore[attr-defined]
+        if self.uses_sketch or self.momentum > 0.0:
+            return self._momentum_average(grad, generator)
         if self.error_feedback:
             p = self.memory.compensate(_COMPRESSED, grad)
             result = exchange(self.compressor, p, self.process_group, self.ledger, generator, want_local=True)
@@ -256,27 +344,117 @@ class CompressionState:
             return result.average
         return exchange(self.compressor, grad, self.process_group, self.ledger, generator).average
 
-    def _relayout(self, layout: tuple[tuple[str, int], ...], device: torch.device) -> None:
-        """Re-order flat per-parameter memories for a new bucket layout (or restore a checkpoint)."""
-        for name, memory in (("residuals", self.memory), ("momentum", self.momentum)):
-            per_param = self._split(memory.residuals.get(_COMPRESSED), self._layout)
-            if self._stash is not None and name in self._stash:
-                per_param = self._stash.pop(name)
-            if not per_param:
-                memory.reset()
-                continue
-            parts = []
-            for pname, numel in layout:
-                t = per_param.get(pname)
-                if t is None or t.numel() != numel:
-                    if t is not None:
-                        log.warning(
-                            "CompressionState: dropping the saved %s of %r: its size changed", name, pname
-                        )
-                    t = torch.zeros(numel, dtype=torch.float32, device=device)
-                parts.append(t.reshape(-1).to(device=device, dtype=torch.float32))
-            memory.residuals[_COMPRESSED] = torch.cat(parts)
-        self._layout = layout
+    def _momentum_average(self, grad: Tensor, generator: torch.Generator) -> Tensor:
+        """Momentum-corrected sparse exchange: DGC (arXiv 1712.01887) and Sketched SGD (arXiv 1903.04488).
+
+        1. ``u ← m·u + g`` (momentum correction, arXiv 1712.01887 Eq. 5; Alg. 1 line 4 of
+           arXiv 1903.04488). Computed as ``(m·u) + g``, the operations of ``torch.optim.SGD``,
+           so that with ``k = d`` the result is bit for bit the optimizer's momentum buffer.
+        2. ``v ← v + u`` (local accumulation, arXiv 1712.01887 Eq. 6; Alg. 1 line 5).
+        3. Exchange the top ``k`` of ``v`` (Top-K of this rank's ``v`` gathered from every rank,
+           or the count sketch's two rounds).
+        4. ``v ← v - sent`` (zero at the sent coordinates; with float16 values the rounding
+           error stays in ``v``, so ``sum(sent) + v == sum(u)`` holds exactly).
+        5. Factor masking (arXiv 1712.01887 Sec. 3.2; Alg. 1 line 11): ``u ← 0`` at the sent
+           coordinates, when ``momentum_masking``.
+        """
+        # 1. u ← m·u + g; with momentum 0 (a count sketch without momentum) u is g itself
+        u = self.velocity.residuals.get(_COMPRESSED)
+        if self.momentum == 0.0:
+            u = grad.to(torch.float32)
+        elif u is None:
+            u = grad.to(torch.float32, copy=True)  # m·0 + g
+            self.velocity.residuals[_COMPRESSED] = u
+        else:
+            u.mul_(self.momentum).add_(grad)
+        # 2. v ← v + u (a new tensor: u is kept apart)
+        v = self.memory.compensate(_COMPRESSED, u)
+        # 3.-4. exchange the top k of v, then remove what was sent from v
+        sent: Tensor
+        if self.uses_sketch:
+            result = exchange(self.compressor, v, self.process_group, self.ledger, generator)
+            assert result.applied is not None
+            sent = result.applied
+            v[sent] = 0.0
+        else:
+            result = exchange(self.compressor, v, self.process_group, self.ledger, generator, want_local=True)
+            assert result.local is not None
+            v.sub_(result.local)
+            # a selected coordinate whose v is exactly 0 carries nothing; DGC's mask |v| > thr skips it too
+            sent = result.local != 0
+        self.memory.residuals[_COMPRESSED] = v
+        # 5. factor masking: the momentum of what was just sent must not be applied again
+        if self.momentum_masking and self.momentum > 0.0:
+            u[sent] = 0.0
+        return result.average
+
+    def _dense_momentum(self, grad: Tensor) -> Tensor:
+        """``u ← m·u + g`` for the tensors sent dense (new tensor; the caller stores it)."""
+        u = self.velocity.residuals.get(_DENSE)
+        if u is None:
+            return grad
+        return u.mul(self.momentum).add_(grad)
+
+    # -- per-parameter memories --------------------------------------------------------------
+    def _ensure_layouts(
+        self,
+        compressed: tuple[tuple[str, int], ...],
+        dense: tuple[tuple[str, int], ...],
+        device: torch.device,
+    ) -> None:
+        """Re-lay out the flat memories for new layouts (bucket rebuild, end of warm-up, resume).
+
+        The memories are flat tensors over the fused vectors (``v`` and ``u`` of the compressed
+        part, ``u`` of the dense part), for speed; per parameter name is how they move between
+        layouts and into checkpoints. A parameter that is in neither layout now (its ``v`` once
+        it travels dense) keeps its memory aside and gets it back when it returns.
+        """
+        if compressed == self._layout and dense == self._dense_layout:
+            return
+        pools = self._pools(consume_stash=True)
+        self._layout, self._dense_layout = compressed, dense
+        self._orphans = {"residuals": {}, "momentum": {}}
+        for kind, memory in (("residuals", self.memory), ("momentum", self.velocity)):
+            memory.reset()
+            pool = pools[kind]
+            placed: set[str] = set()
+            for key, layout in ((_COMPRESSED, compressed), (_DENSE, dense)):
+                if kind == "residuals" and key == _DENSE:
+                    continue  # what travels dense is sent whole: it has no v
+                flat = self._join(pool, layout, device, kind)
+                if flat is not None:
+                    memory.residuals[key] = flat
+                placed.update(name for name, _ in layout)
+            self._orphans[kind] = {name: t for name, t in pool.items() if name not in placed}
+
+    def _pools(self, consume_stash: bool) -> dict[str, dict[str, Tensor]]:
+        """Every per-parameter memory by kind (``"residuals"``: v, ``"momentum"``: u) and name."""
+        pools = {kind: dict(self._orphans.get(kind, {})) for kind in ("residuals", "momentum")}
+        for kind, memory in (("residuals", self.memory), ("momentum", self.velocity)):
+            for key, layout in ((_COMPRESSED, self._layout), (_DENSE, self._dense_layout)):
+                pools[kind].update(self._split(memory.residuals.get(key), layout))
+        if self._stash is not None:
+            for kind in pools:
+                if kind in self._stash:  # a restored checkpoint replaces the (reset) memories
+                    pools[kind] = dict(self._stash.pop(kind) if consume_stash else self._stash[kind])
+        return pools
+
+    @staticmethod
+    def _join(
+        pool: dict[str, Tensor], layout: tuple[tuple[str, int], ...], device: torch.device, kind: str
+    ) -> Tensor | None:
+        """One flat float32 tensor over ``layout`` from per-name tensors (None if none is held)."""
+        if not any(name in pool for name, _ in layout):
+            return None  # created lazily, like ErrorFeedback's
+        parts = []
+        for name, numel in layout:
+            t = pool.get(name)
+            if t is None or t.numel() != numel:
+                if t is not None:
+                    log.warning("CompressionState: dropping the saved %s of %r: its size changed", kind, name)
+                t = torch.zeros(numel, dtype=torch.float32, device=device)
+            parts.append(t.reshape(-1).to(device=device, dtype=torch.float32))
+        return torch.cat(parts)
 
     @staticmethod
     def _split(flat: Tensor | None, layout: tuple[tuple[str, int], ...]) -> dict[str, Tensor]:
@@ -286,20 +464,15 @@ class CompressionState:
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """This rank's state: residuals and momentum per parameter name, counters, RNG, ledger."""
+        """This rank's state: v and u per parameter name, counters, RNG, ledger."""
+        pools = self._pools(consume_stash=False)
         state: dict[str, Any] = {
             "step": self.step,
             "skipped_steps": self.skipped_steps,
             "last_grad_norm": self.last_grad_norm,
             "ledger": self.ledger.state_dict(),
-            "residuals": {
-                k: v.clone()
-                for k, v in self._split(self.memory.residuals.get(_COMPRESSED), self._layout).items()
-            },
-            "momentum": {
-                k: v.clone()
-                for k, v in self._split(self.momentum.residuals.get(_COMPRESSED), self._layout).items()
-            },
+            "residuals": {k: v.clone() for k, v in pools["residuals"].items()},
+            "momentum": {k: v.clone() for k, v in pools["momentum"].items()},
             "compressor": self.compressor.meta(),
         }
         if self._generator is not None and self._generator.device.type == "cpu":
@@ -321,9 +494,11 @@ class CompressionState:
         if "generator" in state:
             self._stash["generator"] = state["generator"]
         self._layout = ()
+        self._dense_layout = ()
+        self._orphans = {"residuals": {}, "momentum": {}}
         self._generator = None
         self.memory.reset()
-        self.momentum.reset()
+        self.velocity.reset()
 
     def __getstate__(self) -> dict[str, Any]:
         # spawn pickles the strategy into its children: no process group, futures or generator
@@ -332,6 +507,52 @@ class CompressionState:
         d["_pending"] = []
         d["_generator"] = None
         return d
+
+
+def resolve_momentum(compressor: Compressor, momentum: Any, sketch_momentum: Any = None) -> float:
+    """Validate ``momentum`` (and its deprecated alias ``sketch_momentum``) for ``compressor``.
+
+    Raises:
+        ValueError: naming the parameter, for a value outside [0, 1), for both names with
+            different values, for ``momentum > 0`` with a codec other than Top-K or a count
+            sketch, and for ``sketch_momentum > 0`` with a codec other than a count sketch.
+
+    """
+    value = _check_momentum("momentum", momentum)
+    sketch = compressor.exchange == "sketch"
+    if sketch_momentum is not None:
+        alias = _check_momentum("sketch_momentum", sketch_momentum)
+        warnings.warn(
+            "sketch_momentum is deprecated: pass momentum= instead (the same Sketched SGD momentum for a "
+            "CountSketch, and momentum correction for TopK)",
+            FutureWarning,
+            stacklevel=3,
+        )
+        if value and alias != value:
+            raise ValueError(
+                f"momentum={value} and sketch_momentum={alias} disagree; pass momentum only "
+                "(sketch_momentum is its deprecated alias)"
+            )
+        if alias and not sketch:
+            raise ValueError(
+                f"sketch_momentum={alias} applies to a CountSketch only, and the compressor is "
+                f"{type(compressor).__name__}; for Top-K use momentum={alias} (momentum correction), "
+                "otherwise keep the optimizer's momentum"
+            )
+        value = value or alias
+    if value and not sketch and compressor.exchange != "allgather":
+        raise ValueError(
+            f"momentum={value} (momentum correction, applied in the exchange) works with TopK and "
+            f"CountSketch only, not {type(compressor).__name__}; set momentum=0 and keep the "
+            "optimizer's own momentum"
+        )
+    return value
+
+
+def _check_momentum(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"{name} must be a float in [0, 1), got {value!r}")
+    return float(value)
 
 
 def _nonfinite_flag(flats: list[Tensor]) -> Tensor:

@@ -1,7 +1,9 @@
 """``CompressedDDP``: Lightning's ``DDPStrategy``, except that gradients travel compressed.
 
-It differs from ``DDPStrategy`` at four points only:
+It differs from ``DDPStrategy`` at five points only:
 
+- ``setup``: after the optimizers exist, warns when momentum would be applied twice (in the
+  exchange, ``momentum > 0``, and by the optimizer);
 - ``_register_ddp_hooks``: registers the package's compressing comm hook on every device
   (stock Lightning registers hooks on CUDA only, silently);
 - ``pre_backward`` / ``optimizer_step``: let the synchronization schedule decide whether a
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 from lightning_fabric.strategies.registry import _StrategyRegistry
@@ -30,6 +32,9 @@ from typing_extensions import override
 from lightning_compress.compressors import Compressor
 from lightning_compress.hooks import CompressionState, register_compression_hook
 from lightning_compress.sync.base import SyncSchedule
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +58,23 @@ class CompressedDDP(DDPStrategy):
         min_compression_size: parameters with fewer elements are sent uncompressed (one dense
             allreduce for all of them); biases and norms cost more to compress than they save.
         warmup_steps: optimizer steps of uncompressed allreduce before compression begins.
-        sketch_momentum: momentum ``ρ`` inside Sketched SGD (only with a count sketch).
+        momentum: momentum applied inside the exchange, before compression (Top-K: momentum
+            correction of Deep Gradient Compression, arXiv 1712.01887; count sketch: Sketched
+            SGD's ``ρ``, arXiv 1903.04488): every rank keeps ``u ← m·u + g``, ``v ← v + u`` and
+            sends the top ``k`` of ``v``. Use it with Top-K at 1% or less: it is what keeps Top-K
+            near dense momentum SGD (measured on the benchmark MLP in docs/compression.md). The
+            optimizer must then run **without** momentum (set it to 0; ``setup`` warns if it is
+            not). Raises ``ValueError`` for QSGD / ``"none"`` and with a ``sync`` schedule other
+            than every-step exchange (local steps would run without momentum). 0 (default): off;
+            0.9 typical.
+        momentum_masking: factor masking: zero ``u`` where ``v`` was just sent (DGC, on by
+            default); see :class:`~lightning_compress.hooks.CompressionState`.
         seed: seed of the stochastic rounding (rank ``r`` uses ``seed + r``).
         nonfinite: ``"skip"`` (default): a step in which any rank's gradient holds NaN/Inf is
             skipped on every rank (no optimizer update, error-feedback memory untouched, a
             warning); ``"raise"``: ``FloatingPointError`` on every rank; ``"ignore"``: no check,
             like stock DDP.
+        sketch_momentum: deprecated alias of ``momentum`` for a count sketch (warns).
         **kwargs: every :class:`~pytorch_lightning.strategies.DDPStrategy` argument
             (``process_group_backend``, ``timeout``, ``find_unused_parameters``,
             ``bucket_cap_mb``, ``start_method``, ...).
@@ -79,9 +95,11 @@ class CompressedDDP(DDPStrategy):
         sync: SyncSchedule | None = None,
         min_compression_size: int = 1024,
         warmup_steps: int = 0,
-        sketch_momentum: float = 0.0,
+        momentum: float = 0.0,
+        momentum_masking: bool = True,
         seed: int = 0,
         nonfinite: str = "skip",
+        sketch_momentum: float | None = None,
         **kwargs: Any,
     ) -> None:
         clash = [k for k in _FORBIDDEN if kwargs.get(k) is not None]
@@ -103,11 +121,19 @@ class CompressedDDP(DDPStrategy):
             error_feedback=error_feedback,
             min_compression_size=min_compression_size,
             warmup_steps=warmup_steps,
+            momentum=momentum,
+            momentum_masking=momentum_masking,
             sketch_momentum=sketch_momentum,
             seed=seed,
             nonfinite=nonfinite,
         )
         self.sync: SyncSchedule = sync if sync is not None else SyncSchedule()
+        if self.comm_state.momentum > 0.0 and type(self.sync) is not SyncSchedule:
+            raise ValueError(
+                f"momentum={self.comm_state.momentum} lives in the per-step gradient exchange, and "
+                f"sync={type(self.sync).__name__}(...) skips or replaces that exchange on some steps, which "
+                "would then run without momentum; use momentum=0 here and keep the optimizer's momentum"
+            )
         super().__init__(**kwargs)
         #: optimizer steps taken (identical on every rank; checkpointed)
         self.optimizer_steps = 0
@@ -131,6 +157,32 @@ class CompressedDDP(DDPStrategy):
             )
 
     # -- wiring ------------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        super().setup(trainer)
+        self._warn_double_momentum()
+
+    def _warn_double_momentum(self) -> None:
+        """One warning when momentum is on in the exchange and the optimizer has its own too."""
+        momentum = self.comm_state.momentum
+        if momentum <= 0.0:
+            return
+        found = []
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                name = type(optimizer).__name__
+                if float(group.get("momentum", 0.0) or 0.0) > 0.0:
+                    found.append(f"{name}(momentum={group['momentum']})")
+                elif "betas" in group and float(group["betas"][0]) > 0.0:
+                    found.append(f"{name}(betas={tuple(group['betas'])}, a momentum of {group['betas'][0]})")
+        if found:
+            rank_zero_warn(
+                f"CompressedDDP(momentum={momentum}) applies momentum in the gradient exchange (momentum "
+                f"correction, arXiv 1712.01887 / 1903.04488), and the optimizer has its own: {found[0]}. "
+                "Momentum is applied twice. Set the optimizer's momentum to 0 (e.g. torch.optim.SGD(params, "
+                "lr, momentum=0)), or CompressedDDP(momentum=0) to keep the optimizer's."
+            )
+
     @override
     def _register_ddp_hooks(self) -> None:
         log.debug(f"{self.__class__.__name__}: registering the compression hook on {self.root_device}")

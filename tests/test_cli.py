@@ -126,7 +126,7 @@ def test_yaml_settings_reach_the_objects(tmp_path):
     assert cli.trainer.strategy.compressor.bits == 4
     assert cli.trainer.strategy.comm_state.error_feedback is False
     cli = main(_args("sketch.yaml", tmp_path), run=False)
-    assert cli.trainer.strategy.comm_state.sketch_momentum == 0.9
+    assert cli.trainer.strategy.comm_state.momentum == 0.9
     assert cli.model.momentum == 0.0  # the sketch keeps the momentum; the optimizer must not
     cli = main([*_args("dq.yaml", tmp_path), "--monitor.policy.mean_bits", "3"], run=False)
     assert cli.trainer.callbacks and any(

@@ -49,7 +49,7 @@ def topk_ef():
 
 def sketch():
     return CompressedDDP(
-        compressor=CountSketch(rows=5, ratio=0.05), sketch_momentum=0.9, min_compression_size=256
+        compressor=CountSketch(rows=5, ratio=0.05), momentum=0.9, min_compression_size=256
     )
 
 
@@ -84,8 +84,9 @@ def test_ledger_matches_payload_formula():
     small = sum(n for _, n in sizes if n < 256)
     codec = QSGD(bits=4)
     shard = -(-large // 2)
-    # all-to-all of 2 shards, all-gather of 1, dense small tensors + the 4-byte non-finite flag
-    per_step = 2 * codec.payload_nbytes(shard) + codec.payload_nbytes(shard) + 4 * small + 4
+    # all-to-all of 2 shards, all-gather of 1, dense small tensors + the 4-byte non-finite flag and
+    # the 4-byte squared pre-compression norm (what a policy decides from) in the dense allreduce
+    per_step = 2 * codec.payload_nbytes(shard) + codec.payload_nbytes(shard) + 4 * small + 4 + 4
     for r in results:
         assert r["last"].payload_bytes == per_step
         assert r["total"].payload_bytes == 3 * per_step
@@ -211,7 +212,7 @@ def test_registered_by_name():
         ({"sync": "local"}, TypeError, "sync"),
         ({"min_compression_size": -1}, ValueError, "min_compression_size"),
         ({"warmup_steps": -2}, ValueError, "warmup_steps"),
-        ({"sketch_momentum": 1.5}, ValueError, "sketch_momentum"),
+        ({"momentum": 1.5}, ValueError, "momentum"),
         ({"ddp_comm_hook": lambda s, b: None}, ValueError, "ddp_comm_hook"),
     ],
 )

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from lightning_compress.compressors.base import Compressor, Field, Payload, check_float_input, index_dtype
 
-__all__ = ["TopK", "topk_indices"]
+__all__ = ["TopK", "segment_ks", "topk_indices"]
 
 _VALUE_DTYPES = (torch.float32, torch.float16)
 _FLOAT16_MAX = torch.finfo(torch.float16).max
@@ -57,6 +57,39 @@ def resolve_k(numel: int, k: int | None, ratio: float | None) -> int:
         return min(numel, k)
     # Rounded first so that, e.g., 0.07 * 100 = 7.000000000000001 gives 7, as a user expects.
     return min(numel, max(1, math.ceil(round(ratio * numel, 6))))
+
+
+def segment_ks(segments: tuple[int, ...], k: int | None, ratio: float | None) -> list[int]:
+    """Per-segment ``K`` of per-layer selection: every segment keeps its own share.
+
+    With ``ratio``, segment ``i`` keeps ``resolve_k(s_i, ratio=ratio)``, exactly what it would keep
+    if compressed alone. With an absolute ``k``, the ``min(k, n)`` slots are apportioned in
+    proportion to the segment sizes (largest remainder, ties to the lower segment), every non-empty
+    segment keeps at least one and at most all of its coordinates, and any excess that the minimum
+    of one causes is taken from the largest shares: the total is ``min(k, n)``, or the number of
+    non-empty segments when that is larger. A pure function of the sizes and settings:
+    every rank computes the same counts, and so the same payload size, without communicating.
+    """
+    if ratio is not None:
+        return [resolve_k(s, None, ratio) for s in segments]
+    assert k is not None
+    n = sum(segments)
+    total = min(k, n)
+    if n == 0:
+        return [0 for _ in segments]
+    exact = [total * s for s in segments]  # integer numerators over n: no float rounding
+    ks = [e // n for e in exact]
+    order = sorted(range(len(segments)), key=lambda i: (-(exact[i] % n), i))
+    for i in order[: total - sum(ks)]:
+        ks[i] += 1
+    ks = [min(s, max(1, c)) if s > 0 else 0 for s, c in zip(segments, ks, strict=True)]
+    # the minimum of one per layer may overshoot: take the excess from the largest shares
+    for _ in range(sum(ks) - total):
+        i = max(range(len(ks)), key=lambda j: (ks[j], -j))
+        if ks[i] <= 1:
+            break  # more layers than k: one each
+        ks[i] -= 1
+    return ks
 
 
 def _sample_positions(n: int, device: torch.device) -> Tensor:
@@ -160,18 +193,63 @@ class TopK(Compressor):
         value_dtype: ``torch.float32`` or ``torch.float16`` for the sent values. float16 saves
             2 bytes per coordinate at about 3 significant digits; values beyond +-65504 are
             clamped to that range.
+        per_layer: select per layer rather than with one global threshold. The exchange fuses
+            every large parameter into one vector; with ``per_layer=True`` each parameter keeps
+            its own ``ratio`` share of coordinates (:func:`segment_ks`), as Deep Gradient
+            Compression does (Lin et al., arXiv 1712.01887, Sec. 3), so a layer whose gradients
+            are small (often the last layers, or an embedding) still sends its largest entries
+            every step instead of waiting for error feedback to grow them past the global
+            threshold. The hook tells the codec the parameter sizes (:attr:`segments`); a tensor
+            whose size does not match them (a codec used on its own) is one layer. Same bytes as
+            global selection with ``ratio`` (up to rounding per layer).
 
     """
 
     name = "topk"
     exchange = "allgather"
     unbiased = False
+    # class-level defaults: instances pickled before these settings existed still unpickle
+    per_layer: bool = False
+    _segments: tuple[int, ...] | None = None
 
     def __init__(
-        self, k: int | None = None, ratio: float | None = None, value_dtype: torch.dtype = torch.float32
+        self,
+        k: int | None = None,
+        ratio: float | None = None,
+        value_dtype: torch.dtype = torch.float32,
+        per_layer: bool = False,
     ):
         self._k, self._ratio = check_k_ratio(k, ratio)
         self.value_dtype = value_dtype
+        if not isinstance(per_layer, bool):
+            raise TypeError(f"per_layer must be True or False, got {per_layer!r}")
+        self.per_layer = per_layer
+        self._segments: tuple[int, ...] | None = None
+
+    @property
+    def segments(self) -> tuple[int, ...] | None:
+        """Sizes of the layers a fused input is made of (set by the exchange; used with ``per_layer``).
+
+        Every rank sets the same sizes (the model's layout), so payload sizes stay identical on
+        every rank. Inputs whose size is not ``sum(segments)`` are treated as one layer.
+        """
+        return self._segments
+
+    @segments.setter
+    def segments(self, sizes: tuple[int, ...] | list[int] | None) -> None:
+        if sizes is None:
+            self._segments = None
+            return
+        sizes = tuple(sizes)
+        if any(isinstance(s, bool) or not isinstance(s, Integral) or int(s) < 0 for s in sizes):
+            raise ValueError(f"segments must be integers >= 0, got {sizes!r}")
+        self._segments = tuple(int(s) for s in sizes)
+
+    def _segments_for(self, numel: int) -> tuple[int, ...]:
+        """The layers of an input of ``numel`` elements: :attr:`segments` if they fit, else one."""
+        if self.per_layer and self._segments is not None and sum(self._segments) == numel:
+            return self._segments
+        return (numel,)
 
     @property
     def k(self) -> int | None:
@@ -204,11 +282,19 @@ class TopK(Compressor):
         self._value_dtype = value
 
     def k_for(self, numel: int) -> int:
-        """``K`` for a tensor of ``numel`` elements under the current settings."""
-        return resolve_k(numel, self._k, self._ratio)
+        """``K`` for a tensor of ``numel`` elements under the current settings (summed over layers)."""
+        segments = self._segments_for(numel)
+        if len(segments) == 1:
+            return resolve_k(numel, self._k, self._ratio)
+        return sum(segment_ks(segments, self._k, self._ratio))
 
     def meta(self) -> dict[str, Any]:
-        return {"k": self._k, "ratio": self._ratio, "value_dtype": self._value_dtype}
+        return {
+            "k": self._k,
+            "ratio": self._ratio,
+            "value_dtype": self._value_dtype,
+            "per_layer": self.per_layer,
+        }
 
     def payload_meta(self, numel: int) -> dict[str, Any]:
         """:meth:`meta` with ``k`` resolved for ``numel`` elements, as stored in a payload."""
@@ -223,12 +309,24 @@ class TopK(Compressor):
         check_float_input(x)
         flat = x.detach().reshape(-1).to(torch.float32)
         n = flat.numel()
-        positions = topk_indices(flat, self.k_for(n))
+        positions = self._select(flat)
         values = flat[positions].to(torch.float32)
         if self._value_dtype == torch.float16:
             values = values.clamp(-_FLOAT16_MAX, _FLOAT16_MAX)
         data = {"values": values.to(self._value_dtype), "indices": positions.to(index_dtype(n))}
         return Payload(data, x.shape, x.dtype, self.payload_meta(n))
+
+    def _select(self, flat: Tensor) -> Tensor:
+        """Sorted positions to send: the global top ``K``, or every layer's own top ``K_i``."""
+        segments = self._segments_for(flat.numel())
+        if len(segments) == 1:
+            return topk_indices(flat, self.k_for(flat.numel()))
+        # per layer (arXiv 1712.01887, Sec. 3): each segment keeps its own share
+        parts, offset = [], 0
+        for size, k in zip(segments, segment_ks(segments, self._k, self._ratio), strict=True):
+            parts.append(topk_indices(flat[offset : offset + size], k) + offset)
+            offset += size
+        return torch.cat(parts)
 
     def decompress(self, payload: Payload) -> Tensor:
         out = torch.zeros(payload.numel, dtype=torch.float32, device=payload.device)

@@ -28,7 +28,7 @@ class Classifier(pl.LightningModule):
         num_classes: number of classes.
         lr: SGD learning rate (per step, not scaled with the number of processes).
         momentum: SGD momentum. Set it to 0 with Sketched SGD, which keeps its own momentum
-            inside the compressor (``CompressedDDP(sketch_momentum=0.9)``).
+            inside the exchange (``CompressedDDP(momentum=0.9)``), as does momentum-corrected Top-K.
         weight_decay: L2 penalty added by the optimizer.
         cosine: anneal the learning rate to 0 over ``trainer.max_epochs`` (cosine schedule);
             off keeps it constant.

@@ -85,6 +85,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import math
 import struct
 import time
 from collections.abc import Callable
@@ -106,9 +107,10 @@ log = logging.getLogger(__name__)
 
 #: the TCPStore (libuv backend) rejects messages above 8 MiB; payloads travel in chunks of this size
 _CHUNK = 4 << 20
-_MAGIC = b"BKW1"
-# magic, step, rank, flags, dense numel, compressed numel, codec-settings length
-_HEADER = struct.Struct("<4sqiiqqi")
+_MAGIC = b"BKW2"
+# magic, step, rank, flags, dense numel, compressed numel, codec-settings length, and the sender's
+# squared pre-compression norm of the compressed part (what a policy decides the next width from)
+_HEADER = struct.Struct("<4sqiiqqid")
 _WARM = 1  # flag: every tensor sent as float32 (warm-up step)
 _NONFINITE = 2  # flag: the sender's gradient holds NaN/Inf; no body follows
 _COUNT = struct.Struct("<q")
@@ -422,12 +424,20 @@ class BackupWorkers(SyncSchedule):
             )
         self._running = step
         exchange.wait_lag(step)  # 0.
+        params = self._params(optimizer)
+        comm = strategy.comm_state
+        _, large, warm = self._split(strategy, params, step)
+        comm.last_compressed = bool(large) and not warm
+        if comm.last_compressed:
+            # every rank, contributing, late or skipped, before any compute: the policy's state
+            # advances identically, from the norm in the last applied step's headers (the same
+            # bytes on every rank) and this step's number
+            comm.decide(comm.last_grad_norm, step)
         skipped = False
         self._fit_steps += 1
         if self.skip_late_steps and self._fit_steps > _NO_SKIP_STEPS and exchange.closed(step):  # 1.
             skipped = _skip_closure(closure)
         output = None if skipped else closure()
-        params = self._params(optimizer)
         ticket = exchange.contributors + 1
         sent = 0
         if not skipped:
@@ -442,7 +452,6 @@ class BackupWorkers(SyncSchedule):
         finally:
             exchange.finish(step)  # 5. (also when every rank raises for non-finite gradients)
 
-        comm = strategy.comm_state
         if sent:
             comm.ledger.record(sent, sent)
         comm.ledger.end_step()
@@ -488,6 +497,7 @@ class BackupWorkers(SyncSchedule):
         dense_flat = _flat_grads(dense)
         parts = [_to_bytes(dense_flat)]
         large_flat = _flat_grads(large)
+        norm_sq = float(torch.linalg.vector_norm(large_flat).square()) if large else 0.0
         codec = comm.compressor
         meta = repr(codec.meta()).encode()
         sizes = (dense_flat.numel(), large_flat.numel())
@@ -495,7 +505,7 @@ class BackupWorkers(SyncSchedule):
         self._pending = None
         if getattr(comm, "nonfinite", "ignore") != "ignore" and not _finite(dense_flat, large_flat):
             # every rank reads this flag from the same payload: all skip (or raise) together
-            return _HEADER.pack(_MAGIC, step, self._rank, flags | _NONFINITE, *sizes, len(meta)) + meta
+            return _HEADER.pack(_MAGIC, step, self._rank, flags | _NONFINITE, *sizes, len(meta), 0.0) + meta
         if large:
             layout = tuple(n for n, _ in large)
             residual = self._residual
@@ -511,7 +521,7 @@ class BackupWorkers(SyncSchedule):
             comm.ledger.record_coords(large_flat.numel(), payload.nbytes, self._world_size)
         if dense:
             comm.ledger.record_coords(dense_flat.numel(), 4 * dense_flat.numel(), self._world_size)
-        header = _HEADER.pack(_MAGIC, step, self._rank, flags, *sizes, len(meta))
+        header = _HEADER.pack(_MAGIC, step, self._rank, flags, *sizes, len(meta), norm_sq)
         return header + meta + b"".join(parts)
 
     def _decode_into(
@@ -525,9 +535,10 @@ class BackupWorkers(SyncSchedule):
         device = params[0][1].device if params else torch.device("cpu")
         meta = repr(codec.meta()).encode()
         received = []
+        norms_sq: list[float] = []
         bad = []
         for blob in payloads:
-            magic, p_step, rank, flags, p_dense, p_large, meta_len = _HEADER.unpack_from(blob)
+            magic, p_step, rank, flags, p_dense, p_large, meta_len, norm_sq = _HEADER.unpack_from(blob)
             p_meta = blob[_HEADER.size : _HEADER.size + meta_len]
             layout_ok = bool(flags & _WARM) == warm and (p_dense, p_large) == (n_dense, n_large)
             if magic != _MAGIC or p_step != step or not layout_ok:
@@ -541,6 +552,7 @@ class BackupWorkers(SyncSchedule):
                     f"but this rank has {meta.decode()}; codec settings must change identically on every rank"
                 )
             received.append((rank, blob[_HEADER.size + meta_len :]))
+            norms_sq.append(norm_sq)
             if flags & _NONFINITE:
                 bad.append(rank)
         received.sort(key=lambda item: item[0])  # rank order: the same sum on every rank
@@ -569,8 +581,8 @@ class BackupWorkers(SyncSchedule):
         large_sum /= count
         _write_grads(dense, dense_sum)
         _write_grads(large, large_sum)
-        if n_large:
-            comm.last_grad_norm = float(torch.linalg.vector_norm(large_sum))
+        if n_large:  # the contributors' pre-compression norm, from the same headers on every rank
+            comm.last_grad_norm = math.sqrt(math.fsum(norms_sq) / count)
         return contributors
 
     def _on_nonfinite(self, comm: Any, step: int, ranks: list[int]) -> None:

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from lightning_compress.compressors import TopK
 from lightning_compress.compressors import topk as topk_module
-from lightning_compress.compressors.topk import topk_indices
+from lightning_compress.compressors.topk import segment_ks, topk_indices
 
 
 def assert_is_topk(x: torch.Tensor, positions: torch.Tensor, k: int) -> None:
@@ -23,7 +23,7 @@ def test_class_attributes():
     assert (TopK.name, TopK.exchange, TopK.unbiased) == ("topk", "allgather", False)
     codec = TopK()
     assert (codec.k, codec.ratio, codec.value_dtype) == (None, 0.01, torch.float32)
-    assert repr(codec) == "TopK(k=None, ratio=0.01, value_dtype=torch.float32)"
+    assert repr(codec) == "TopK(k=None, ratio=0.01, value_dtype=torch.float32, per_layer=False)"
 
 
 @settings(max_examples=60, deadline=None)
@@ -188,3 +188,52 @@ def test_pickles():
     codec = TopK(k=3, value_dtype=torch.float16)
     clone = pickle.loads(pickle.dumps(codec))
     assert clone.meta() == codec.meta()
+
+
+def test_per_layer_keeps_each_layers_share():
+    codec = TopK(ratio=0.01, per_layer=True)
+    codec.segments = (100, 1000, 5000)
+    x = torch.randn(6100, generator=torch.Generator().manual_seed(0))
+    x[100:1100] *= 1e-3  # a layer of small gradients: a global threshold would never pick it
+    payload = codec.compress(x)
+    positions = payload.data["indices"].to(torch.int64)
+    for (lo, hi), k in zip([(0, 100), (100, 1100), (1100, 6100)], [1, 10, 50], strict=True):
+        inside = positions[(positions >= lo) & (positions < hi)] - lo
+        assert_is_topk(x[lo:hi], inside, k)
+    assert TopK(ratio=0.01).compress(x).data["indices"].to(torch.int64).lt(1100).sum() < 11
+
+
+@pytest.mark.parametrize("value_dtype", [torch.float32, torch.float16])
+def test_per_layer_payload_size_is_exact(value_dtype):
+    codec = TopK(ratio=0.01, per_layer=True, value_dtype=value_dtype)
+    codec.segments = (5, 150, 40_000)
+    n = 40_155
+    k = 1 + 2 + 400  # ceil(1% of each layer), at least 1
+    payload = codec.compress(torch.randn(n))
+    assert payload.nbytes == codec.payload_nbytes(n) == k * (value_dtype.itemsize + 4)
+    assert payload.fields() == codec.layout(n) and codec.k_for(n) == k
+    assert codec.decompress(codec.from_bytes(payload.to_bytes(), (n,), torch.float32)).count_nonzero() <= k
+    # a tensor whose size does not match the segments is one layer
+    assert codec.k_for(1000) == 10 and codec.compress(torch.randn(1000)).data["values"].numel() == 10
+    codec.segments = None
+    assert codec.k_for(n) == TopK(ratio=0.01).k_for(n) == 402
+
+
+def test_segment_ks_with_an_absolute_k():
+    assert segment_ks((100, 1000, 5000), None, 0.01) == [1, 10, 50]
+    assert segment_ks((100, 1000, 5000), 61, None) == [1, 10, 50]
+    assert segment_ks((3, 3, 3), 4, None) == [2, 1, 1]  # largest remainder, ties to the first
+    assert segment_ks((1, 1, 10), 3, None) == [1, 1, 1]  # at least one each, k in total
+    assert segment_ks((5, 5, 5, 5), 2, None) == [1, 1, 1, 1]  # more layers than k: one each
+    assert segment_ks((2, 0, 2), 100, None) == [2, 0, 2]  # at most all of a layer
+    codec = TopK(k=61, per_layer=True)
+    codec.segments = (100, 1000, 5000)
+    assert codec.k_for(6100) == 61 and codec.compress(torch.randn(6100)).data["values"].numel() == 61
+
+
+def test_per_layer_bad_arguments():
+    with pytest.raises(TypeError, match="per_layer"):
+        TopK(per_layer=1)
+    with pytest.raises(ValueError, match="segments"):
+        TopK(per_layer=True).segments = (10, -1)
+    assert TopK(per_layer=True).meta()["per_layer"] is True

@@ -324,3 +324,54 @@ def test_monitor_logs_contributions_and_dropped_ranks(tmp_path):
     logged = [r for r in rows if r.get("backup/contributions")]
     assert logged, "the monitor did not log the schedule's metrics"
     assert all(float(r["backup/contributions"]) == 2.0 and float(r["backup/dropped"]) == 1.0 for r in logged)
+
+
+class _RecordingDQ:
+    """A DQPolicy factory whose instances remember every (step, norm, bits) decision."""
+
+    @staticmethod
+    def make():
+        from lightning_compress.policies import DQPolicy
+
+        class Recording(DQPolicy):
+            def __init__(self):
+                super().__init__(mean_bits=4.0)
+                self.records = []
+
+            def decide(self, grad_norm, step=0):
+                bits = super().decide(grad_norm, step)
+                self.records.append((step, grad_norm, bits))
+                return bits
+
+        return Recording()
+
+
+def _fit_with_policy(rank, world_size, steps, late):
+    from lightning_compress import CommunicationMonitor
+
+    pl.seed_everything(0, verbose=False)
+    policy = _RecordingDQ.make()
+    probe = Probe([late])
+    trainer = pl.Trainer(**trainer_kwargs(world_size, strategy=backup_qsgd(), max_steps=steps,
+                                          callbacks=[probe, CommunicationMonitor(policy=policy)]))
+    model = SleepyClassifier()
+    trainer.fit(model)
+    skipped = [s for s, row in probe.rows.items() if row["skipped"]]
+    return {"records": policy.records, "state": policy.state_dict(), "skipped": skipped,
+            "params": flat_params(model)}
+
+
+def test_policy_state_identical_on_every_rank_when_a_rank_skips_steps():
+    steps, late = 24, (10, 2)  # rank 2 is late before step 10: it skips that step's forward/backward
+    results = run_distributed(_fit_with_policy, 3, steps, late, timeout=120)
+    assert late[0] in results[late[1]]["skipped"], results[late[1]]["skipped"]
+    # the skipping rank decided too, from the same norm: one decision per step on every rank
+    assert [s for s, _, _ in results[0]["records"]] == list(range(steps))
+    for r in results[1:]:
+        assert r["records"] == results[0]["records"]
+        assert r["state"] == results[0]["state"]
+        assert torch.equal(r["params"], results[0]["params"])
+    # from step 1 on, each decision read the contributors' pre-compression norm from the headers
+    norms = [g for _, g, _ in results[0]["records"]]
+    assert norms[0] is None and all(g is not None and g > 0 for g in norms[1:])
+    assert len(set(norms[1:])) == steps - 1
