@@ -47,7 +47,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import shlex
 import socket
 import subprocess
@@ -69,6 +68,7 @@ from benchmarks._cluster import (  # noqa: E402
     stale_namespaces,
     wait_all,
 )
+from benchmarks._machine import machine_description  # noqa: E402
 from benchmarks._methods import DEFAULT_METHODS, get_method, methods  # noqa: E402
 
 LOOPBACK = "loopback"
@@ -662,37 +662,6 @@ def _run_floor(cfg: dict[str, Any], parallel: int, workdir: Path, timeout: float
 
 def _command() -> str:
     return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
-
-
-def machine_description() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                mem = int(line.split()[1]) / 1024**2
-    except OSError:
-        pass
-    import pytorch_lightning
-    import torch
-
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "mem_gib": mem,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "pytorch_lightning": pytorch_lightning.__version__,
-        "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
-    }
 
 
 # -- analysis ---------------------------------------------------------------------------------
