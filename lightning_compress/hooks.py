@@ -31,6 +31,7 @@ momentum. ``u`` and ``v`` use the same per-parameter bookkeeping as the residual
 """
 
 import logging
+import math
 import warnings
 from collections.abc import Iterable
 from numbers import Real
@@ -285,14 +286,16 @@ class CompressionState:
             flat = torch.cat(small_flat)
             self.ledger.record_coords(flat.numel() - extra, 4 * flat.numel(), self.world_size)
             flat = allreduce_mean(flat, self.process_group, self.ledger)
+            # the flag and the norm are read to the host together: one device sync, not two
+            tail = flat[flat.numel() - extra :].tolist()
             if check:
-                bad_ranks = round(float(flat[-1 - int(track)]) * self.world_size)
+                bad_ranks = round(tail[0] * self.world_size)
                 self.last_step_skipped = bad_ranks > 0
                 if self.last_step_skipped:
                     self._on_nonfinite(bad_ranks, small_views + large_views)
                     return
             if track:
-                self.last_grad_norm = float(flat[-1].sqrt())
+                self.last_grad_norm = math.sqrt(tail[-1])
             if dense_u is not None:
                 self.velocity.residuals[_DENSE] = dense_u
             write_flat_(small_views, flat[: flat.numel() - extra])  # less the flag and the norm
