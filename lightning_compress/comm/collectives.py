@@ -6,6 +6,10 @@ rank), records each one in the :class:`~lightning_compress.comm.ledger.BitLedger
 the average over ranks. The result is bit-identical on every rank: each rank decodes the same
 received bytes in the same order.
 
+Every average divides each rank's contribution by the world size *before* summing, as stock DDP
+does (``GradBucket`` buffers are divided before their allreduce): a sum of finite values can
+overflow float32 (``3e38 + 3e38``), a sum of values already divided by ``W`` cannot.
+
 What crosses the network is always the packed payload (``Payload.to_bytes()``: uint8 codes,
 indices, scales, sketch tables), never a decoded float tensor.
 """
@@ -53,25 +57,40 @@ def _world(group: ProcessGroup | None) -> int:
 
 
 @torch.no_grad()
-def write_flat_(tensors: Sequence[Tensor], flat: Tensor) -> None:
-    """Copy consecutive slices of ``flat`` into ``tensors`` (cast to each tensor's dtype)."""
+def write_flat_(tensors: Sequence[Tensor], flat: Tensor, saturate: bool = False) -> None:
+    """Copy consecutive slices of ``flat`` into ``tensors`` (cast to each tensor's dtype).
+
+    With ``saturate``, each slice is first clamped (in place, in ``flat``) to the finite range of
+    its tensor's dtype, so a value that rounding or an estimate pushed past it (a float16
+    gradient and a float32 average above 65504) is written as the largest finite value, not Inf.
+    For an average of finite values, whose exact value lies within that range, this is the
+    nearest representable value. NaN is kept.
+    """
     offset = 0
     for t in tensors:
         n = t.numel()
-        t.copy_(flat[offset : offset + n].view_as(t))
+        src = flat[offset : offset + n]
+        if saturate and t.is_floating_point():
+            limit = min(torch.finfo(t.dtype).max, torch.finfo(flat.dtype).max)
+            src.clamp_(-limit, limit)
+        t.copy_(src.view_as(t))
         offset += n
     if offset != flat.numel():
         raise ValueError(f"flat vector holds {flat.numel()} elements, the tensors {offset}")
 
 
 def allreduce_mean(x: Tensor, group: ProcessGroup | None, ledger: BitLedger | None) -> Tensor:
-    """Dense float allreduce (in place) divided by the world size: the uncompressed baseline."""
+    """Dense float allreduce (in place) of ``x / world_size``: the uncompressed baseline.
+
+    Divided before the sum, as DDP's default hook does, so finite inputs give a finite mean.
+    """
     world = _world(group)
+    x.div_(world)
     dist.all_reduce(x, group=group)
     if ledger is not None:
         nbytes = x.numel() * x.element_size()
         ledger.record(nbytes, allreduce_wire_bytes(nbytes, world))
-    return x.div_(world)
+    return x
 
 
 def two_phase_allreduce(
@@ -111,13 +130,14 @@ def two_phase_allreduce(
     if ledger is not None:
         ledger.record(send.numel(), all_to_all_wire_bytes(send.numel(), world))
 
-    # 3. decode-and-average the shard this rank owns, re-compress it
+    # 3. decode-and-average the shard this rank owns (each payload divided by W as it is added:
+    #    the sum of W decoded values near float32's maximum would overflow), re-compress it
     mine = torch.zeros(shard, dtype=torch.float32, device=x.device)
     for r in range(world):
-        mine += compressor.decompress(
+        decoded = compressor.decompress(
             compressor.from_bytes(recv[r * chunk : (r + 1) * chunk], (shard,), torch.float32)
         )
-    mine /= world
+        mine.add_(decoded, alpha=1.0 / world)
     reduced = compressor.compress(mine, generator).to_bytes()
 
     # 4. all-gather of the re-compressed shards, decoded identically on every rank
@@ -171,14 +191,14 @@ def sparse_allgather(
     step = send.numel()
     scatter_add = getattr(compressor, "scatter_add_into", None)
     # one payload at a time, in rank order: every rank adds in the same order (bit-identical
-    # results), and indices are unique inside one payload (no atomic races on CUDA)
+    # results), and indices are unique inside one payload (no atomic races on CUDA); each
+    # payload is divided by W as it is added, so finite values cannot overflow the sum
     for r in range(world):
         received = compressor.from_bytes(gathered[r * step : (r + 1) * step], (n,), torch.float32)
         if scatter_add is not None:
-            scatter_add(total, received)
+            scatter_add(total, received, alpha=1.0 / world)
         else:
-            total += compressor.decompress(received).reshape(-1).to(torch.float32)
-    total /= world
+            total.add_(compressor.decompress(received).reshape(-1).to(torch.float32), alpha=1.0 / world)
     local = compressor.decompress(payload).reshape(-1).to(torch.float32) if want_local else None
     return ExchangeResult(total, local)
 
@@ -204,7 +224,9 @@ def sketch_allreduce(
     sketch = compressor.sketch
     table = sketch(v).contiguous()
     k = compressor.k_for(n)  # type: ignore[attr-defined]
-    # 1. allreduce the sketch tables
+    # 1. allreduce the sketch tables, each divided by W first (the sketch of the mean; the
+    #    division does not change which coordinates are heaviest)
+    table.div_(world)
     dist.all_reduce(table, group=group)
     if ledger is not None:
         nbytes = table.numel() * table.element_size()
@@ -212,7 +234,7 @@ def sketch_allreduce(
     # 2. candidates from the summed sketch (identical on every rank)
     candidates = compressor.candidates(table, n)  # type: ignore[attr-defined]
     # 3. exact values at the candidates
-    exact = v[candidates].to(torch.float32).contiguous()
+    exact = v[candidates].to(torch.float32).div_(world).contiguous()  # the mean, never an overflowing sum
     dist.all_reduce(exact, group=group)
     if ledger is not None:
         nbytes = exact.numel() * exact.element_size()
@@ -222,7 +244,7 @@ def sketch_allreduce(
     top = torch.topk(exact.abs(), min(k, exact.numel()), sorted=False).indices
     applied = candidates[top]
     average = torch.zeros(n, dtype=torch.float32, device=v.device)
-    average[applied] = exact[top] / world
+    average[applied] = exact[top]
     return ExchangeResult(average, None, applied)
 
 

@@ -20,6 +20,9 @@ _NORMS = ("max", "l2")
 #: scale is below it is quantized against this floor instead (still unbiased, only coarser).
 _SCALE_FLOOR = 2.0**-120
 _FLOAT32_MAX = torch.finfo(torch.float32).max
+#: Per level count ``s``, the largest float32 step ``scale / s`` whose multiples up to ``s`` stay
+#: finite: ``fl(MAX / s) * s`` rounds to inf for s = 31 and 127 (see :func:`_max_step`).
+_MAX_STEPS: dict[int, float] = {}
 
 #: Random numbers come 15 bits at a time: ``Tensor.random_()`` on int64 fills [0, 2**63) (one
 #: generator call per 64 bits, the cheapest way torch offers), and masking each 16-bit quarter to 15
@@ -90,7 +93,10 @@ class QSGD(Compressor):
 
     The random rounding draws 15-bit uniform numbers, so the estimate is unbiased up to 2**-15 of
     one quantization step. Buckets of zeros decode to exact zeros; tiny and denormal values are
-    quantized against a scale of at least ``2**-120`` so the arithmetic never overflows.
+    quantized against a scale of at least ``2**-120`` so the arithmetic never overflows. Scales
+    never exceed the largest finite value of the input's dtype (65504 for float16): an L2 norm of
+    large float16 values would otherwise decode to Inf. Any scale ``>= max|v_i|`` is unbiased, and
+    a finite input's max-abs is within that range, so the cap costs no bias.
 
     """
 
@@ -152,7 +158,9 @@ class QSGD(Compressor):
         """Quantize ``x``; ``generator`` (on ``x``'s device) makes the random rounding reproducible."""
         check_float_input(x)
         flat = x.detach().reshape(-1).to(torch.float32)
-        scales, codes = _encode(flat, self._bits, self._bucket_size, self._norm, generator)
+        # decoded values reach the scale; it must fit the dtype they are decoded to
+        cap = min(torch.finfo(x.dtype).max, _FLOAT32_MAX)
+        scales, codes = _encode(flat, self._bits, self._bucket_size, self._norm, generator, cap)
         return Payload({"scales": scales, "codes": codes}, x.shape, x.dtype, self.meta())
 
     def decompress(self, payload: Payload) -> Tensor:
@@ -164,8 +172,14 @@ class QSGD(Compressor):
         return flat.view(payload.shape).to(payload.dtype)
 
 
-def _bucket_scales(flat: Tensor, bits: int, bucket_size: int, norm: str, scratch: Tensor) -> Tensor:
-    """Per-bucket max-abs, or L2 norm computed without overflow or underflow (``scratch`` is reused)."""
+def _bucket_scales(
+    flat: Tensor, bits: int, bucket_size: int, norm: str, scratch: Tensor, cap: float = _FLOAT32_MAX
+) -> Tensor:
+    """Per-bucket max-abs, or L2 norm computed without overflow or underflow (``scratch`` is reused).
+
+    The L2 norm is capped at ``cap`` (the largest finite value of the input's dtype), which is
+    still >= the max-abs of a finite input.
+    """
     num_buckets = -(-flat.numel() // bucket_size)
     absmax = torch.empty(num_buckets, dtype=torch.float32, device=flat.device)
     for rows, sl in _buckets(flat, bucket_size):
@@ -184,24 +198,32 @@ def _bucket_scales(flat: Tensor, bits: int, bucket_size: int, norm: str, scratch
         )
         torch.linalg.vector_norm(scaled, dim=1, out=l2[sl])
     # The L2 scale never falls below max-abs (rounding could make it a hair smaller) and is capped
-    # at the largest float32, which is still >= max-abs, so every |v_i| / scale stays in [0, 1].
-    return torch.maximum(l2.mul_(safe), absmax).clamp_(max=_FLOAT32_MAX)
+    # at the input dtype's largest value, which is still >= max-abs, so every |v_i| / scale stays in
+    # [0, 1] and every decoded value fits that dtype (||v|| of 512 float16 values near 60000 is 1.4e6).
+    return torch.maximum(l2.mul_(safe), absmax).clamp_(max=cap)
 
 
 def _encode(
-    flat: Tensor, bits: int, bucket_size: int, norm: str, generator: torch.Generator | None
+    flat: Tensor,
+    bits: int,
+    bucket_size: int,
+    norm: str,
+    generator: torch.Generator | None,
+    cap: float = _FLOAT32_MAX,
 ) -> tuple[Tensor, Tensor]:
     n = flat.numel()
     device = flat.device
     levels = _levels(bits)
     # 1. Bucket scales. ``work`` is scratch for the L2 norm, then holds the noise, then the codes.
     work = torch.empty(n, dtype=torch.float32, device=device)
-    scale = _bucket_scales(flat, bits, bucket_size, norm, work)
+    scale = _bucket_scales(flat, bits, bucket_size, norm, work, cap)
     safe = scale.clamp(min=_SCALE_FLOOR)
     # 1-bit: P(code 1) = (1 + v/M) / 2 = v / (2M) + 1/2; otherwise s|v| / scale (Sec. 3.1).
     mult = (0.5 if bits == 1 else float(levels)) / safe
-    # A zero bucket keeps scale 0, so it decodes to exact zeros whatever its codes are.
-    scales = torch.where(scale > 0, safe, torch.zeros((), device=device))
+    # A zero bucket keeps scale 0, so it decodes to exact zeros whatever its codes are. A bucket
+    # holding NaN/Inf gets a NaN/Inf scale and decodes to NaN (``scale > 0`` would have zeroed it,
+    # silently dropping the NaN that stock DDP spreads under nonfinite="ignore").
+    scales = torch.where(scale == 0, torch.zeros((), device=device), safe)
 
     # 2. Uniform noise U = (r + 0.5) / 2**15 in (0, 1); code = floor(v * mult + offset + U) rounds
     #    up with probability frac(v * mult): the stochastic rounding of QSGD, sign handled for free
@@ -228,6 +250,17 @@ def _encode(
     return scales, pack_bits(padded, bits)
 
 
+def _max_step(levels: int) -> float:
+    """Largest float32 ``t`` with ``fl(t * levels)`` finite (cached per level count)."""
+    step = _MAX_STEPS.get(levels)
+    if step is None:
+        t = torch.tensor(_FLOAT32_MAX / levels, dtype=torch.float32)
+        while not torch.isfinite(t * levels):
+            t = torch.nextafter(t, torch.zeros(()))
+        step = _MAX_STEPS[levels] = float(t)
+    return step
+
+
 def _decode(scales: Tensor, packed: Tensor, n: int, bits: int, bucket_size: int) -> Tensor:
     codes = unpack_bits(packed.reshape(-1), bits, n)
     out = torch.empty(n, dtype=torch.float32, device=packed.device)
@@ -238,8 +271,13 @@ def _decode(scales: Tensor, packed: Tensor, n: int, bits: int, bucket_size: int)
         out.mul_(2.0).sub_(1.0)
         step = scales
     else:
-        out.sub_(float(_levels(bits)))
-        step = scales / float(_levels(bits))
+        levels = _levels(bits)
+        out.sub_(float(levels))
+        # fl(scale / s) * s can round past the largest float32 (s = 31, 127): cap the step, a
+        # one-ulp change that only a scale within an ulp of float32's maximum ever sees, and a finite
+        # one (an Inf scale, from an Inf gradient under nonfinite="ignore", stays Inf: it decodes to NaN)
+        step = scales / float(levels)
+        step = torch.where(torch.isinf(step), step, step.clamp(max=_max_step(levels)))
     for rows, sl in _buckets(out, bucket_size):
         rows.mul_(step[sl].unsqueeze(1))
     return out

@@ -275,12 +275,19 @@ class CountSketch(Compressor):
         return Payload({"table": table.reshape(-1)}, x.shape, x.dtype, self.payload_meta(x.numel()))
 
     def decompress(self, payload: Payload) -> Tensor:
-        """Dense tensor: the top ``k`` coordinates by |estimate| hold their estimates, zeros elsewhere."""
+        """Dense tensor: the top ``k`` coordinates by |estimate| hold their estimates, zeros elsewhere.
+
+        Estimates are clamped to the finite range of the original dtype (see the comment below).
+        """
         numel = payload.numel
         table = payload.data["table"].view(payload.meta["rows"], payload.meta["cols"])
         estimates = self.estimate(table, numel)
         keep = topk_indices(estimates, payload.meta["k"])
         out = torch.zeros(numel, dtype=torch.float32, device=table.device)
-        out[keep] = estimates[keep]
+        # A table cell sums every coordinate hashed to it, so an estimate can exceed the range of
+        # the input's dtype (float16: 65504) although every coordinate lies within it; clamping
+        # to that range moves such an estimate towards its true value, and the cast cannot
+        # produce Inf. NaN stays NaN.
+        limit = min(torch.finfo(payload.dtype).max, torch.finfo(torch.float32).max)
+        out[keep] = estimates[keep].clamp(-limit, limit)
         return out.view(payload.shape).to(payload.dtype)
-

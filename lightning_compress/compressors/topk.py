@@ -116,7 +116,9 @@ def _select_exact(magnitudes: Tensor, k: int) -> Tensor:
     The k-th largest value ``t`` is found first (``kthvalue``, linear time, is the faster on up to
     about a million entries, ``topk`` beyond); everything above ``t`` is kept and the ties at ``t``
     fill the remaining slots in position order, so the result is exactly k positions, the same on
-    every call.
+    every call. NaN ranks above every number, as in ``torch.topk`` and ``kthvalue``: a NaN
+    gradient is sent (and spreads, as with stock DDP, under ``nonfinite="ignore"``) and the
+    payload always holds exactly ``k`` entries, which the all-gather's fixed sizes rely on.
     """
     c = magnitudes.numel()
     if k >= c:
@@ -125,12 +127,26 @@ def _select_exact(magnitudes: Tensor, k: int) -> Tensor:
         kth = torch.kthvalue(magnitudes, c - k + 1).values
     else:
         kth = torch.topk(magnitudes, k, sorted=False).values.min()
-    keep = magnitudes > kth
-    missing = k - int(keep.sum())
-    if missing:
-        ties = torch.nonzero(magnitudes == kth).squeeze(1)[:missing]
+    # "above kth", NaN included: NaN compares false with everything
+    keep = (magnitudes <= kth).logical_not_()
+    count = int(keep.sum())
+    if count > k:  # kth is NaN itself (min() of a topk holding NaN is NaN, too)
+        return _select_with_nan(magnitudes, k)
+    if count < k:
+        ties = torch.nonzero(magnitudes == kth).squeeze(1)[: k - count]
         keep[ties] = True
     return torch.nonzero(keep).squeeze(1)
+
+
+def _select_with_nan(magnitudes: Tensor, k: int) -> Tensor:
+    """:func:`_select_exact` for a tensor with NaN entries: NaN first (lowest positions), then the largest."""
+    nan = torch.isnan(magnitudes)
+    nans = torch.nonzero(nan).squeeze(1)
+    if nans.numel() >= k:
+        return nans[:k]
+    rest = torch.nonzero(~nan).squeeze(1)
+    chosen = rest[_select_exact(magnitudes[rest], k - nans.numel())]
+    return torch.cat([nans, chosen]).sort().values
 
 
 def topk_indices(flat: Tensor, k: int) -> Tensor:
@@ -142,7 +158,8 @@ def topk_indices(flat: Tensor, k: int) -> Tensor:
     selects exactly among them. The result is exact: when fewer than ``k`` coordinates survive
     (the sample misled, a 4-sigma event on random data) the threshold is lowered, and finally
     the selection runs over the whole tensor. On other devices ``torch.topk`` is fast
-    and used directly (ties may then be broken differently, but deterministically).
+    and used directly (ties may then be broken differently, but deterministically). On every
+    device NaN ranks above every number (``torch.topk``'s order) and exactly ``k`` positions come back.
     """
     n = flat.numel()
     if k >= n:
@@ -159,7 +176,8 @@ def topk_indices(flat: Tensor, k: int) -> Tensor:
     rank = math.ceil(expected + 4.0 * math.sqrt(expected) + 4.0)
     while rank < _SAMPLE:
         threshold = torch.kthvalue(sample, _SAMPLE - rank + 1).values
-        survivors = torch.nonzero(magnitudes >= threshold).squeeze(1)
+        # "not below", so that NaN (ranked above every number) survives; a NaN threshold keeps all
+        survivors = torch.nonzero((magnitudes < threshold).logical_not_()).squeeze(1)
         if survivors.numel() >= k:
             return survivors[_select_exact(magnitudes[survivors], k)]
         rank *= 4
@@ -333,14 +351,17 @@ class TopK(Compressor):
         self.scatter_add_into(out, payload)
         return out.view(payload.shape).to(payload.dtype)
 
-    def scatter_add_into(self, out_flat: Tensor, payload: Payload) -> Tensor:
-        """Add the payload's values at its indices into ``out_flat`` in place, and return it.
+    def scatter_add_into(self, out_flat: Tensor, payload: Payload, alpha: float = 1.0) -> Tensor:
+        """Add ``alpha`` times the payload's values at its indices into ``out_flat`` in place; return it.
 
         Args:
             out_flat: 1-D float32 tensor of ``payload.numel`` elements, on the payload's device.
                 Summing every rank's payload into one buffer is how the all-gather exchange
                 decodes: no dense tensor per rank.
             payload: a :class:`TopK` payload.
+            alpha: factor applied to each value before it is added (in the same pass). The
+                exchange passes ``1 / world_size``: dividing before summing keeps the sum of
+                finite values finite (``2 * 3e38`` overflows float32, ``2 * 1.5e38`` does not).
 
         """
         if out_flat.dim() != 1 or out_flat.dtype != torch.float32 or out_flat.numel() != payload.numel:
@@ -351,7 +372,7 @@ class TopK(Compressor):
         indices = payload.data["indices"]
         if indices.dtype == torch.int16:  # index_add_ takes int32 or int64 indices only
             indices = indices.to(torch.int32)
-        return out_flat.index_add_(0, indices, payload.data["values"].to(torch.float32))
+        return out_flat.index_add_(0, indices, payload.data["values"].to(torch.float32), alpha=alpha)
 
     def from_bytes(self, buf: Tensor, shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> Payload:
         payload = super().from_bytes(buf, shape, dtype)
