@@ -17,6 +17,21 @@ closes it itself, after the averaging collectives of a sync point have been reco
 Every optimizer step is therefore one ledger step, and over a run the bytes per step are the
 averaging bytes divided by the period.
 
+Non-finite values (``CompressedDDP(nonfinite=...)``; the DDP hook does the same on the steps
+that exchange gradients):
+
+- on a local step, each rank checks its own gradients (one fused norm pass, one read to the
+  host, no collective). ``"skip"``: the step is skipped on that rank only (no optimizer update,
+  counted in ``comm_state.skipped_steps``, a warning); the others are not affected, and nothing
+  non-finite reaches the next average. ``"raise"``: the gradients are dropped too, and the rank
+  reports it in the next averaging collective, where every rank raises ``FloatingPointError``
+  together (or at the end of ``fit``, if it comes first);
+- at a sync point, a rank whose model or optimizer state is non-finite (NaN reached it some other
+  way) says so with one extra float in the averaging collective. ``"skip"``: it is left out of
+  the average, takes the average of the others and restarts its optimizer state; ``"raise"``:
+  every rank raises. If no rank is finite, every rank raises whatever the mode. ``"ignore"``:
+  no check and no extra float, like stock DDP.
+
 State that differs between ranks (each rank's local parameters in the middle of a period, the
 base optimizer's local momentum buffers) is saved per rank, because Lightning's checkpoint keeps
 rank 0's weights and optimizer state only; on resume every rank gets its own back, so a resumed
@@ -26,7 +41,7 @@ run continues exactly like an uninterrupted one.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -39,6 +54,8 @@ from lightning_compress.comm.ledger import BitLedger, allreduce_wire_bytes
 from lightning_compress.sync.base import SyncSchedule
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from torch.optim import Optimizer
 
     from lightning_compress.strategy import CompressedDDP
@@ -58,13 +75,27 @@ def flatten(tensors: Sequence[Tensor]) -> Tensor:
 
 @torch.no_grad()
 def allreduce_average_(
-    tensors: Sequence[Tensor], group: dist.ProcessGroup | None, ledger: BitLedger | None
+    tensors: Sequence[Tensor],
+    group: dist.ProcessGroup | None,
+    ledger: BitLedger | None,
+    *,
+    left_out: bool = False,
+    n_left_out: int = 0,
 ) -> Tensor:
     """Replace ``tensors`` by their average over ranks with ONE fused float32 allreduce.
 
     One collective for the whole model, not one per tensor: per-call latency dominates small
     tensors, and a single call keeps the order of collectives trivially identical on all ranks.
     The bytes are recorded in ``ledger`` (payload, wire and dense-baseline figures).
+
+    Args:
+        tensors: replaced in place by the average.
+        group: the process group.
+        ledger: where the bytes are recorded (``None``: nowhere).
+        left_out: this rank is left out of the average: it sends zeros and receives the average of
+            the others.
+        n_left_out: how many ranks are left out, known identically on every rank (from an earlier
+            collective, :func:`allreduce_average_checked_`); the sum is divided by the others.
 
     Returns:
         The averaged flat float32 vector (identical on every rank).
@@ -73,11 +104,109 @@ def allreduce_average_(
     flat = flatten(tensors)
     if flat.numel() == 0:
         return flat
+    if left_out:
+        flat.zero_()
+    world = dist.get_world_size(group)
     if ledger is not None:
-        ledger.record_coords(flat.numel(), 4 * flat.numel(), dist.get_world_size(group))
-    allreduce_mean(flat, group, ledger)
+        ledger.record_coords(flat.numel(), 4 * flat.numel(), world)
+    if n_left_out == 0:
+        allreduce_mean(flat, group, ledger)
+    else:
+        _allreduce_sum(flat, group, ledger)
+        flat.div_(world - n_left_out)
     write_flat_(tensors, flat)
     return flat
+
+
+@torch.no_grad()
+def allreduce_average_checked_(
+    tensors: Sequence[Tensor],
+    group: dist.ProcessGroup | None,
+    ledger: BitLedger | None,
+    device: torch.device,
+    also_bad: Tensor | None = None,
+) -> tuple[int, bool]:
+    """Average ``tensors`` over the ranks whose contribution is finite; one allreduce, one float more.
+
+    Each rank appends a flag (1.0 if its ``tensors`` hold NaN/Inf, or if ``also_bad`` is 1) to the
+    flat vector and sends zeros instead of its values when the flag is set; the sum of the flags
+    is how many ranks were left out, identical on every rank. Every rank, a left-out one too, then
+    holds the average of the others. If every rank is left out, ``tensors`` are not changed.
+    An empty ``tensors`` sends the flag alone.
+
+    Args:
+        tensors: replaced in place by the average of the finite ranks.
+        group: the process group.
+        ledger: where the bytes are recorded (the flag counts as payload, not as a coordinate).
+        device: where the collective runs (the model's device).
+        also_bad: a 1-element flag (0.0 or 1.0) on ``device``: leave this rank out for another
+            reason as well (non-finite optimizer state or model delta, an earlier local step).
+
+    Returns:
+        ``(left_out, mine)``: how many ranks were left out, and whether this rank was.
+
+    """
+    flat = flatten(tensors).to(device)
+    n = flat.numel()
+    flag = nonfinite_flag([flat], device)
+    if also_bad is not None:
+        flag = torch.maximum(flag, also_bad.to(flag))
+    flat = torch.cat([flat.masked_fill_(flag.bool(), 0.0), flag])  # 0·NaN is NaN: fill, not multiply
+    world = dist.get_world_size(group)
+    if ledger is not None:
+        ledger.record_coords(n, 4 * flat.numel(), world)
+    _allreduce_sum(flat, group, ledger)
+    left_out, mine = torch.stack([flat[n], flag[0]]).tolist()  # one read to the host
+    n_bad = round(left_out)
+    if n and n_bad < world:
+        write_flat_(tensors, flat[:n].div_(world - n_bad))
+    return n_bad, mine > 0
+
+
+def _allreduce_sum(flat: Tensor, group: dist.ProcessGroup | None, ledger: BitLedger | None) -> None:
+    dist.all_reduce(flat, group=group)
+    if ledger is not None:
+        nbytes = flat.numel() * flat.element_size()
+        ledger.record(nbytes, allreduce_wire_bytes(nbytes, dist.get_world_size(group)))
+
+
+# -- non-finite values ---------------------------------------------------------------------------
+def nonfinite_flag(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
+    """1.0 if any of ``tensors`` holds a NaN or Inf, else 0.0: a 1-element float32 tensor on ``device``.
+
+    ``aminmax`` per tensor: exact (no overflow, unlike a norm), and NaN and ±Inf show in its
+    result; nothing is read to the host.
+    """
+    extremes = [torch.stack(torch.aminmax(t.detach())).to(torch.float32) for t in tensors if t.numel()]
+    if not extremes:
+        return torch.zeros(1, device=device)
+    return (~torch.isfinite(torch.cat(extremes)).all()).to(device=device, dtype=torch.float32).reshape(1)
+
+
+def gradients_finite(params: Iterable[Tensor]) -> bool:
+    """Whether every gradient of ``params`` is finite: one fused pass, one read to the host.
+
+    The fused pass is ``torch._foreach_norm`` (2-norm: a sum of squares keeps every NaN and Inf,
+    where a max may drop a NaN on some devices). It overflows for finite gradients above about
+    1e19, so a non-finite norm is confirmed exactly with :func:`nonfinite_flag` (the rare path).
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    grads = [g.coalesce().values() if g.is_sparse else g for g in grads]
+    if not grads:
+        return True
+    if bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()):
+        return True
+    return not bool(nonfinite_flag(grads, grads[0].device).item())
+
+
+def reset_optimizer_state(optimizers: Sequence[Optimizer], params: Sequence[Tensor] | None = None) -> None:
+    """Drop the optimizers' state (momentum, Adam moments and step) of ``params`` (default: all)."""
+    keep = None if params is None else {id(p) for p in params}
+    for opt in optimizers:
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if keep is None or id(p) in keep:
+                    opt.state.pop(p, None)
 
 
 def learning_rates(optimizers: Sequence[Optimizer], params: Sequence[Tensor]) -> float | Tensor:
@@ -170,6 +299,9 @@ class PeriodicAveraging(SyncSchedule):
         self._loaded: dict[str, Any] | None = None
         self._snapshot: dict[str, Any] = {}
         self._opt_hook: Any = None
+        #: ``nonfinite="raise"``: this rank had non-finite gradients at a local step that the
+        #: other ranks have not heard of yet (they learn it in the next averaging collective)
+        self._raise_pending = False
 
     # -- the schedule (pure functions of the step counter: identical on every rank) ---------
     def communicates(self, step: int) -> bool:
@@ -185,10 +317,96 @@ class PeriodicAveraging(SyncSchedule):
         return steps_done > self.warmup_steps and (steps_done - self.warmup_steps) % self.period != 0
 
     # -- lifecycle ---------------------------------------------------------------------------
+    def run_closure(
+        self, strategy: CompressedDDP, optimizer: Optimizer, closure: Callable[[], Any], step: int
+    ) -> Any:
+        """Run the step; on a local step, check this rank's gradients (locally: no collective)."""
+        result = closure()
+        if not self.communicates(step) and _checks(strategy) and not _loss_scaled(strategy):
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            if not gradients_finite(params):
+                self._on_local_nonfinite(strategy, step)
+        return result
+
+    def _on_local_nonfinite(self, strategy: CompressedDDP, step: int) -> None:
+        comm = strategy.comm_state
+        # CompressedDDP drops the gradients: no update on this rank, nothing non-finite to average
+        comm.last_step_skipped = True
+        message = (f"{type(self).__name__}: non-finite gradients (NaN/Inf) on rank "
+                   f"{dist.get_rank(comm.process_group)} at local step {step}")
+        if comm.nonfinite == "raise":
+            # raising here alone would leave the other ranks to find out at the next collective
+            # (a connection error, or a hang until the timeout on NCCL); every rank raises there
+            # together instead
+            self._raise_pending = True
+            log.error("%s: gradients dropped; every rank raises FloatingPointError at the next exchange "
+                      "between ranks (a sync point's average, or the end of fit)", message)
+            return
+        comm.skipped_steps += 1
+        log.warning("%s: step skipped on this rank only; a local step, so the other ranks are unaffected "
+                    "and nothing non-finite reaches the next average", message)
+
+    def _contribution_flag(self, strategy: CompressedDDP, tensors: Sequence[Tensor] = ()) -> Tensor:
+        """Whether this rank must be left out of the next average, as a 1-element 0/1 device tensor.
+
+        It must if ``tensors`` or its optimizer state hold NaN/Inf, or if it has a non-finite local
+        step to report (``"raise"``).
+        """
+        flag = nonfinite_flag(list(tensors) + optimizer_buffers(strategy.optimizers), self._device)
+        if self._raise_pending:
+            flag.fill_(1.0)
+        self._raise_pending = False
+        return flag
+
+    def _on_left_out(self, strategy: CompressedDDP, step: int, n_bad: int, mine: bool) -> None:
+        """After an averaging collective that left ``n_bad`` ranks out (``mine``: this one)."""
+        if n_bad == 0:
+            return
+        comm = strategy.comm_state
+        world = dist.get_world_size(comm.process_group)
+        name = type(self).__name__
+        if comm.nonfinite == "raise":
+            raise FloatingPointError(
+                f"{name}: non-finite gradients or parameters (NaN/Inf) on {n_bad} of {world} ranks since "
+                f"the previous sync point (found at the sync point after step {step}); set "
+                "nonfinite='skip' to skip such steps instead"
+            )
+        if n_bad == world:
+            raise FloatingPointError(
+                f"{name}: non-finite parameters or optimizer state (NaN/Inf) on every rank ({n_bad} of "
+                f"{world} ranks) at the sync point after step {step}: there is no finite model to average"
+            )
+        log.warning("%s: non-finite parameters or optimizer state (NaN/Inf) on %d of %d ranks at the sync "
+                    "point after step %d: left out of the average, they continue from the average of the "
+                    "other %d", name, n_bad, world, step, world - n_bad)
+        if mine:
+            comm.skipped_steps += 1
+            log.warning("%s: rank %d was left out: its steps since the previous sync point are discarded and "
+                        "its optimizer state restarts", name, dist.get_rank(comm.process_group))
+
+    def on_train_end(self, strategy: CompressedDDP) -> None:
+        """With ``nonfinite="raise"``: report local steps after the last sync point (one float)."""
+        comm = strategy.comm_state
+        steps = strategy.optimizer_steps
+        if comm.nonfinite != "raise" or not PeriodicAveraging.ranks_may_differ(self, steps):
+            return
+        flag = torch.tensor([float(self._raise_pending)], device=self._device)
+        self._raise_pending = False
+        _allreduce_sum(flag, comm.process_group, comm.ledger)
+        n_bad = round(flag.item())
+        if n_bad:
+            world = dist.get_world_size(comm.process_group)
+            raise FloatingPointError(
+                f"{type(self).__name__}: non-finite gradients (NaN/Inf) on {n_bad} of {world} ranks at local "
+                f"steps after the last sync point (found when fit ended, after step {steps - 1}); set "
+                "nonfinite='skip' to skip such steps instead"
+            )
+
     def setup(self, strategy: CompressedDDP) -> None:
         """Bind the model's parameters and float buffers; restore a checkpoint or start fresh."""
         module = strategy.lightning_module
         assert module is not None
+        self._raise_pending = False
         self._bind(module, strategy)
         ddp = strategy.model
         if self._buffers and getattr(ddp, "broadcast_buffers", False):
@@ -339,12 +557,30 @@ def _clone(obj: Any) -> Any:
     return apply_to_collection(obj, Tensor, lambda t: t.detach().clone())
 
 
+def _checks(strategy: CompressedDDP) -> bool:
+    return strategy.comm_state.nonfinite != "ignore"
+
+
+def _loss_scaled(strategy: CompressedDDP) -> bool:
+    """Whether a gradient scaler (float16 mixed precision) handles non-finite gradients itself.
+
+    It skips the step and lowers the scale when the scaled gradients overflow, which is routine;
+    dropping the gradients before it would leave it no inf check to record. The sync points
+    still check the model.
+    """
+    return getattr(strategy.precision_plugin, "scaler", None) is not None
+
+
 __all__ = [
     "PeriodicAveraging",
     "allreduce_average_",
+    "allreduce_average_checked_",
     "divide_by_lr",
     "flatten",
+    "gradients_finite",
     "learning_rates",
+    "nonfinite_flag",
     "optimizer_buffers",
+    "reset_optimizer_state",
     "write_flat_",
 ]

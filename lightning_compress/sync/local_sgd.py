@@ -11,7 +11,14 @@ from torch import Tensor
 
 from lightning_compress.comm.collectives import exchange
 from lightning_compress.compressors.base import NoCompression
-from lightning_compress.sync.averaging import PeriodicAveraging, allreduce_average_, flatten, write_flat_
+from lightning_compress.sync.averaging import (
+    PeriodicAveraging,
+    allreduce_average_,
+    allreduce_average_checked_,
+    flatten,
+    reset_optimizer_state,
+    write_flat_,
+)
 
 if TYPE_CHECKING:
     from torch.optim import Optimizer
@@ -43,6 +50,12 @@ class LocalSGD(PeriodicAveraging):
            feedback if the strategy uses it (its residual lives here, per rank), and
            ``x ← x₀ + avg(Δ)``; tensors smaller than the strategy's ``min_compression_size`` and
            the buffers are averaged exactly in one dense allreduce; then ``x₀ ← x``.
+
+    Non-finite values (``CompressedDDP(nonfinite=...)``, see :mod:`~lightning_compress.sync.averaging`):
+    a local step with NaN/Inf gradients is skipped on its rank alone (``"skip"``), with no
+    collective; at a sync point one float more in the (dense) allreduce says which ranks hold a
+    non-finite model, delta or optimizer state; they are left out of the average (their delta is
+    sent as zeros and their error-feedback residual kept) and take the others' average.
 
     After a sync point every rank holds bit-identical parameters. Integer buffers (e.g.
     ``num_batches_tracked``) are left alone, and DDP's per-forward buffer broadcast is turned
@@ -88,6 +101,8 @@ class LocalSGD(PeriodicAveraging):
         self.residual: Tensor | None = None
         self._generator: torch.Generator | None = None
         self._generator_state: Tensor | None = None
+        self._n_left_out = 0  # ranks left out of the last average (non-finite), identical on every rank
+        self._left_out = False  # whether this rank was one of them
 
     # -- what is averaged, and how -----------------------------------------------------------
     def _uses_compression(self, strategy: CompressedDDP) -> bool:
@@ -118,29 +133,65 @@ class LocalSGD(PeriodicAveraging):
 
     def _synchronize(self, strategy: CompressedDDP, optimizer: Optimizer, step: int) -> None:
         log.debug(f"{type(self).__name__}: sync point after optimizer step {step}")
-        self._average(strategy)
+        left_out = self._left_out = self._average(strategy, step)
+        if left_out and not self._averages_optimizer_state():
+            reset_optimizer_state(strategy.optimizers or [optimizer], self._params)
         self._outer_update(strategy, optimizer)
 
+    def _averages_optimizer_state(self) -> bool:
+        """Whether :meth:`_outer_update` gives a left-out rank the others' optimizer state."""
+        return False
+
     @torch.no_grad()
-    def _average(self, strategy: CompressedDDP) -> None:
-        """Replace every rank's model by the (exact or compressed) average over ranks."""
+    def _average(self, strategy: CompressedDDP, step: int) -> bool:
+        """Replace every rank's model by the (exact or compressed) average over ranks.
+
+        Returns whether this rank was left out of it (non-finite, see the class docstring).
+        """
         cs = strategy.comm_state
+        check = cs.nonfinite != "ignore"
+        self._n_left_out = 0
         if not self._compress:
             # 3.1: one collective for every parameter and buffer
-            allreduce_average_(self._params + self._buffers, cs.process_group, cs.ledger)
-            return
+            tensors = self._params + self._buffers
+            if not check:
+                allreduce_average_(tensors, cs.process_group, cs.ledger)
+                return False
+            n_bad, mine = allreduce_average_checked_(
+                tensors, cs.process_group, cs.ledger, self._device, self._contribution_flag(strategy)
+            )
+            self._on_left_out(strategy, step, n_bad, mine)
+            self._n_left_out = n_bad
+            return mine
         large, dense = self._params[: self._k_large], self._params[self._k_large :] + self._buffers
         # 3.2: small tensors and buffers dense, then the large tensors' delta compressed; the same
         # two calls in the same order on every rank
-        allreduce_average_(dense, cs.process_group, cs.ledger)
+        x0 = self.x0[: self._n_large] if self.x0 is not None else None
+        delta = flatten(large).to(x0.device) - x0 if large and x0 is not None else None
+        n_bad, mine = 0, False
+        if check:
+            # the flag rides the dense allreduce, so every rank knows before the compressed exchange
+            flag = self._contribution_flag(strategy, [delta] if delta is not None else [])
+            n_bad, mine = allreduce_average_checked_(dense, cs.process_group, cs.ledger, self._device, flag)
+            self._on_left_out(strategy, step, n_bad, mine)
+        else:
+            allreduce_average_(dense, cs.process_group, cs.ledger)
+        self._n_left_out = n_bad
         if large:
-            assert self.x0 is not None
-            x0 = self.x0[: self._n_large]
-            delta = flatten(large).to(x0.device) - x0
-            write_flat_(large, x0 + self._exchange_delta(cs, delta))
+            assert x0 is not None and delta is not None
+            if mine:
+                delta.zero_()  # a left-out rank sends nothing and keeps its residual
+            average = self._exchange_delta(cs, delta, keep_residual=mine)
+            if n_bad:
+                average.mul_(cs.world_size / (cs.world_size - n_bad))  # the codecs divide by the world
+            write_flat_(large, x0 + average)
+        return mine
 
-    def _exchange_delta(self, cs: CompressionState, delta: Tensor) -> Tensor:
+    def _exchange_delta(self, cs: CompressionState, delta: Tensor, keep_residual: bool = False) -> Tensor:
         generator = self._rng(cs, delta.device)
+        if keep_residual:
+            # left out of this average: the same collectives, with zeros, and the residual untouched
+            return exchange(cs.compressor, delta, cs.process_group, cs.ledger, generator).average
         if cs.uses_sketch:
             # Sketched SGD (arXiv 1903.04488) keeps what was not applied, whatever error_feedback says
             p = delta if self.residual is None else delta + self.residual

@@ -21,6 +21,7 @@ from lightning_compress.sync.averaging import (
     divide_by_lr,
     flatten,
     learning_rates,
+    reset_optimizer_state,
     write_flat_,
 )
 
@@ -66,16 +67,19 @@ def anchor_step_(
     return send
 
 
-def launch_allreduce(buffer: Tensor, group: dist.ProcessGroup | None, ledger: BitLedger | None) -> dist.Work:
+def launch_allreduce(
+    buffer: Tensor, group: dist.ProcessGroup | None, ledger: BitLedger | None, extra: int = 0
+) -> dist.Work:
     """Start a non-blocking sum-allreduce of ``buffer`` (in place) and return its work handle.
 
     The bytes are recorded now, in the step that issues the collective. ``buffer`` must not be
-    touched until ``work.wait()`` returns.
+    touched until ``work.wait()`` returns. Its last ``extra`` elements are not coordinates (flags):
+    their bytes count, but not as coordinates.
     """
     if ledger is not None:
         nbytes = buffer.numel() * buffer.element_size()
         world = dist.get_world_size(group)
-        ledger.record_coords(buffer.numel(), nbytes, world)
+        ledger.record_coords(buffer.numel() - extra, nbytes, world)
         ledger.record(nbytes, allreduce_wire_bytes(nbytes, world))
     work = dist.all_reduce(buffer, group=group, async_op=True)
     assert work is not None
@@ -94,6 +98,13 @@ class OverlapLocalSGD(PeriodicAveraging):
     3. anchor momentum: ``v ← β·v + (z − x)/γ`` (``γ`` = the base learning rate);
     4. launch a non-blocking allreduce (``async_op=True``) of ``z − γ·v``; divided by the world
        size when it completes, it is the next anchor.
+
+    Non-finite values (``CompressedDDP(nonfinite=...)``, see :mod:`~lightning_compress.sync.averaging`):
+    a local step with NaN/Inf gradients is skipped on its rank alone (``"skip"``). At a sync point,
+    a rank whose model or optimizer state is non-finite restarts from the anchor (its optimizer
+    state too) and sends zeros with a flag (one float more in the allreduce): the next anchor is
+    the average of the other ranks. With ``"raise"``, every rank raises when that average
+    completes, at the sync point after the next (or at the end of ``fit``).
 
     Only one averaging collective is outstanding at any time, and every rank issues it at the
     same optimizer step. Model buffers (BatchNorm statistics) travel in the same allreduce and
@@ -128,10 +139,13 @@ class OverlapLocalSGD(PeriodicAveraging):
         self._work: Any = None  # the one pending allreduce
         self._inflight: Tensor | None = None
         self._world = 1
+        #: of the pending allreduce: (nonfinite mode, step it was launched after) when its buffer
+        #: ends with the left-out flag, else None
+        self._flagged: tuple[str, int] | None = None
 
     def setup(self, strategy: CompressedDDP) -> None:
         """Bind the model (see :class:`PeriodicAveraging`) and say what the compressor is used for."""
-        self._work, self._inflight = None, None
+        self._work, self._inflight, self._flagged = None, None, None
         super().setup(strategy)
         self._world = dist.get_world_size(strategy.comm_state.process_group)
         if not isinstance(strategy.comm_state.compressor, NoCompression):
@@ -153,11 +167,34 @@ class OverlapLocalSGD(PeriodicAveraging):
         """Wait for the pending anchor average, if any, and make it the anchor."""
         if self._work is None:
             return
-        work, buf = self._work, self._inflight
-        self._work, self._inflight = None, None
+        work, buf, flagged = self._work, self._inflight, self._flagged
+        self._work, self._inflight, self._flagged = None, None, None
         work.wait()
         assert buf is not None
-        self.z = buf.div_(self._world)
+        if flagged is None:
+            self.z = buf.div_(self._world)
+            return
+        n_bad = round(buf[-1].item())
+        buf = buf[:-1]
+        if n_bad:
+            self._on_anchor_left_out(n_bad, *flagged)
+        self.z = buf.div_(self._world - n_bad)
+
+    def _on_anchor_left_out(self, n_bad: int, mode: str, step: int) -> None:
+        name, world = type(self).__name__, self._world
+        if mode == "raise":
+            raise FloatingPointError(
+                f"{name}: non-finite gradients or parameters (NaN/Inf) on {n_bad} of {world} ranks before "
+                f"the sync point after step {step}; set nonfinite='skip' to skip such steps instead"
+            )
+        if n_bad == world:
+            raise FloatingPointError(
+                f"{name}: non-finite parameters or optimizer state (NaN/Inf) on every rank ({n_bad} of "
+                f"{world} ranks) at the sync point after step {step}: there is no finite model to average"
+            )
+        log.warning("%s: the anchor average launched after step %d left out %d of %d ranks (non-finite "
+                    "parameters or optimizer state); the anchor is the average of the other %d",
+                    name, step, n_bad, world, world - n_bad)
 
     def _synchronize(self, strategy: CompressedDDP, optimizer: Optimizer, step: int) -> None:
         assert self.z is not None and self.v is not None
@@ -165,16 +202,47 @@ class OverlapLocalSGD(PeriodicAveraging):
         self.complete()  # 1.
         tensors = self._params + self._buffers
         x = flatten(tensors).to(self.z.device)
-        lr = learning_rates(strategy.optimizers or [optimizer], self._params)
-        send = anchor_step_(x, self.z, self.v, lr, self.pullback, self.momentum)  # 2.-3.
-        write_flat_(tensors, x)
         cs = strategy.comm_state
+        optimizers = strategy.optimizers or [optimizer]
+        check = cs.nonfinite != "ignore"
+        # a local check (one read to the host); the others learn it from the flag in the allreduce
+        bad = check and bool(self._contribution_flag(strategy, [x]).item())
+        if not bad:
+            lr = learning_rates(optimizers, self._params)
+            send = anchor_step_(x, self.z, self.v, lr, self.pullback, self.momentum)  # 2.-3.
+            write_flat_(tensors, x)
+        else:
+            send = torch.zeros_like(x)
+            self._leave_out(strategy, optimizers, tensors, step)
+        if check:
+            send = torch.cat([send, send.new_tensor([float(bad)])])
+            self._flagged = (cs.nonfinite, step)
         self._inflight = send
-        self._work = launch_allreduce(send, cs.process_group, cs.ledger)  # 4.
+        self._work = launch_allreduce(send, cs.process_group, cs.ledger, extra=int(check))  # 4.
+
+    def _leave_out(self, strategy: CompressedDDP, optimizers: list[Optimizer], tensors: list[Tensor],
+                  step: int) -> None:
+        """This rank's model, optimizer state or a local step is non-finite: it sends zeros."""
+        cs = strategy.comm_state
+        rank = dist.get_rank(cs.process_group)
+        if cs.nonfinite == "raise":
+            log.error("%s: rank %d reports non-finite gradients or parameters at the sync point after step "
+                      "%d; every rank raises FloatingPointError when this average completes",
+                      type(self).__name__, rank, step)
+            return
+        assert self.z is not None
+        write_flat_(tensors, self.z)  # restart from the anchor, finite and identical on every rank
+        reset_optimizer_state(optimizers, self._params)
+        cs.skipped_steps += 1
+        log.warning("%s: non-finite parameters or optimizer state (NaN/Inf) on rank %d at the sync point "
+                    "after step %d: this rank restarts from the anchor with fresh optimizer state and is "
+                    "left out of the next anchor average; the other ranks are unaffected",
+                    type(self).__name__, rank, step)
 
     def on_train_end(self, strategy: CompressedDDP) -> None:
         """Complete the pending average: no collective outlives ``fit`` (the anchor is then current)."""
         self.complete()
+        super().on_train_end(strategy)
 
     def before_save(self, strategy: CompressedDDP) -> None:
         """Complete the pending average (the uninterrupted run gets the same anchor later)."""
@@ -190,7 +258,7 @@ class OverlapLocalSGD(PeriodicAveraging):
         return {"z": self.z, "v": self.v}
 
     def _load_tensors(self, state: dict[str, Any], device: torch.device) -> None:
-        self._work, self._inflight = None, None
+        self._work, self._inflight, self._flagged = None, None, None
         z = state.get("z")
         self.z = z.to(device) if z is not None else flatten(self._params + self._buffers).to(device)
         n = sum(p.numel() for p in self._params)
@@ -200,6 +268,7 @@ class OverlapLocalSGD(PeriodicAveraging):
         d = super().__getstate__()
         d["_work"] = None
         d["_inflight"] = None
+        d["_flagged"] = None
         return d
 
     def __repr__(self) -> str:

@@ -15,6 +15,7 @@ from lightning_compress.sync.averaging import (
     flatten,
     learning_rates,
     optimizer_buffers,
+    reset_optimizer_state,
     write_flat_,
 )
 from lightning_compress.sync.local_sgd import LocalSGD
@@ -80,7 +81,9 @@ class SlowMo(LocalSGD):
     communication, and each period starts from ``x₀`` with no stale local velocity (a rank's
     momentum points along its own trajectory, which the average has just replaced).
     ``"average"`` averages every per-parameter floating buffer over ranks (one extra allreduce
-    of their size per period); ``"keep"`` leaves each rank's own.
+    of their size per period); ``"keep"`` leaves each rank's own. A rank left out of the average
+    because its model or optimizer state is non-finite (see :class:`LocalSGD`) takes the others'
+    buffers with ``"average"`` and restarts its own otherwise.
 
     Recommended settings (the paper's experiments): ``α = 1``, ``β`` between 0.4 and 0.8 and
     ``τ = 12`` with Local SGD as base; ``α = 1, β = 0`` is exactly Local SGD. The paper reports
@@ -141,13 +144,15 @@ class SlowMo(LocalSGD):
         write_flat_(self._params, self.x0)
         # 1. (for the next period) the base optimizer's buffers
         if self.momentum_buffers == "zero":
-            for opt in optimizers:
-                for group in opt.param_groups:
-                    for p in group["params"]:
-                        opt.state.pop(p, None)
+            reset_optimizer_state(optimizers)
         elif self.momentum_buffers == "average":
+            # a rank left out of the model average (non-finite) takes the others' buffers too
             cs = strategy.comm_state
-            allreduce_average_(optimizer_buffers(optimizers), cs.process_group, cs.ledger)
+            allreduce_average_(optimizer_buffers(optimizers), cs.process_group, cs.ledger,
+                               left_out=self._left_out, n_left_out=self._n_left_out)
+
+    def _averages_optimizer_state(self) -> bool:
+        return self.momentum_buffers == "average"
 
     def _state_tensors(self) -> dict[str, Tensor | None]:
         return {**super()._state_tensors(), "u": self.u}
