@@ -11,20 +11,23 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pytorch_lightning as pl
 import torch
+from lightning_utilities.core.rank_zero import rank_zero_warn
 from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.strategies import DDPStrategy
-from pytorch_lightning.utilities import rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
 
+from lightning_compress._lightning import ddp_strategy_types
 from lightning_compress.comm.ledger import StepRecord
 from lightning_compress.compressors import Compressor, NoCompression, TopK, resolve_compressor
+from lightning_compress.fingerprint import check_settings_agree, settings_of
 from lightning_compress.hooks import CompressionState, register_compression_hook
 from lightning_compress.policies.base import CompressionPolicy
-from lightning_compress.strategy import CHECKPOINT_KEY, CompressedDDP
+from lightning_compress.strategy import CHECKPOINT_KEY, CompressedDDPMixin
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +44,7 @@ TOPK_K = "comm/topk_k"
 GRAD_NORM = "comm/grad_norm"
 
 
-class CommunicationMonitor(Callback):
+class CommunicationMonitorMixin:
     """Log the gradient bits each rank sends and, with a ``policy``, adapt the codec every step.
 
     Logged through :meth:`~pytorch_lightning.core.LightningModule.log` (so every Lightning logger
@@ -97,6 +100,9 @@ class CommunicationMonitor(Callback):
 
         trainer = pl.Trainer(strategy="ddp", callbacks=[CommunicationMonitor(policy=DQPolicy(mean_bits=4.0))])
 
+    With ``import lightning as L``, take it from :mod:`lightning_compress.lightning`; either one
+    works with either namespace's ``DDPStrategy`` and ``CompressedDDP``.
+
     """
 
     def __init__(
@@ -143,6 +149,7 @@ class CommunicationMonitor(Callback):
         self._samples_known = True
         self._epoch_start: tuple[StepRecord, float, int] | None = None
         self._stash: dict[str, Any] | None = None
+        self._world_size = 1
 
     # -- properties --------------------------------------------------------------------------
     @property
@@ -161,7 +168,7 @@ class CommunicationMonitor(Callback):
         strategy = trainer.strategy
         self._disabled = False
         self._state = None
-        if isinstance(strategy, CompressedDDP):
+        if isinstance(strategy, CompressedDDPMixin):
             if self._compressor is not None:
                 raise ValueError(
                     "CommunicationMonitor(compressor=...) is for stock DDP; with CompressedDDP set the codec "
@@ -169,7 +176,7 @@ class CommunicationMonitor(Callback):
                 )
             if self.policy is not None:
                 self.policy.check_compressor(strategy.compressor)
-        elif isinstance(strategy, DDPStrategy):
+        elif isinstance(strategy, ddp_strategy_types()):
             clash = [
                 name
                 for name in ("ddp_comm_hook", "ddp_comm_state", "ddp_comm_wrapper", "model_averaging_period")
@@ -206,7 +213,7 @@ class CommunicationMonitor(Callback):
         if self._disabled:
             return
         strategy = trainer.strategy
-        if isinstance(strategy, CompressedDDP):
+        if isinstance(strategy, CompressedDDPMixin):
             state = strategy.comm_state
         else:
             model = strategy.model
@@ -232,6 +239,7 @@ class CommunicationMonitor(Callback):
             register_compression_hook(model, state)
             log.debug(f"{type(self).__name__}: registered the hook ({state.compressor!r}) on stock DDP")
         self._state = state
+        self._world_size = trainer.world_size
         threshold = state.min_compression_size
         sizes = [p.numel() for p in pl_module.parameters() if p.requires_grad]
         self._numel = sum(n for n in sizes if n >= threshold)
@@ -244,6 +252,10 @@ class CommunicationMonitor(Callback):
                 )
             # only when needed: estimating the run length may load the train dataloader early
             self.policy.setup(self._numel, _total_steps(trainer) if self.policy.needs_total_steps else None)
+        # every rank reaches this line: a policy (or the stock-DDP codec) that differs fails here
+        check_settings_agree(
+            settings_of(state, policy=self.policy), group=state.process_group, what="CommunicationMonitor"
+        )
         # the exchange itself decides, on every rank, from this step's reduced gradient norm
         state.policy = self.policy
         self._logged_steps = state.ledger.steps
@@ -342,12 +354,16 @@ class CommunicationMonitor(Callback):
         assert self._state is not None
         ledger = self._state.ledger
         total = ledger.total
-        dense_payload = 4 * total.coords  # what a float32 allreduce hands to the collective
+        # what float32 DDP hands to its allreduce in the same optimizer steps, from the ledger's
+        # baseline, which counts every step (local steps included): wire = 2(W-1)/W x payload
+        world = self._world_size
+        dense_payload = total.dense_wire_bytes * world / (2 * (world - 1)) if world > 1 else 0.0
         table = Table(title=f"Gradient communication of this rank ({self._state.compressor!r})")
         table.add_column("")
         table.add_column("this run", justify="right")
         table.add_column("float32 DDP", justify="right")
-        table.add_row("gradient exchanges", f"{ledger.steps:,}", f"{ledger.steps:,}")
+        table.add_row("optimizer steps", f"{ledger.steps:,}", f"{ledger.steps:,}")
+        table.add_row("exchanges (gradients or models)", f"{ledger.exchanges:,}", f"{ledger.steps:,}")
         table.add_row("bytes handed to collectives", _human(total.payload_bytes), _human(dense_payload))
         table.add_row("bytes on the wire (ring)", _human(total.wire_bytes), _human(total.dense_wire_bytes))
         ratio = total.compression_ratio
@@ -397,7 +413,7 @@ class CommunicationMonitor(Callback):
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        if CHECKPOINT_KEY in checkpoint and not isinstance(trainer.strategy, CompressedDDP):
+        if CHECKPOINT_KEY in checkpoint and not isinstance(trainer.strategy, CompressedDDPMixin):
             rank_zero_warn(
                 "CommunicationMonitor: the checkpoint holds CompressedDDP's per-rank compression state "
                 f"(error-feedback memory, schedule state), which {type(trainer.strategy).__name__} ignores; "
@@ -427,6 +443,10 @@ class CommunicationMonitor(Callback):
                     "CompressedDDP for an exact resume"
                 )
             state.load_state_dict(comm)
+
+
+class CommunicationMonitor(CommunicationMonitorMixin, Callback):
+    __doc__ = CommunicationMonitorMixin.__doc__
 
 
 def _total_steps(trainer: pl.Trainer) -> float:

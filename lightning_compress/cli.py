@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from collections.abc import Iterable
 from typing import Any
 
@@ -85,6 +86,18 @@ class CompressionCLI(LightningCLI):
             }
         )
 
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as exc:
+            # jsonargparse reports a constructor's error nested inside a page of union type
+            # mismatches; the user must read the reason first, not sixty lines below
+            reason = _constructor_error(exc)
+            if reason is None:
+                raise
+            print(f"error: {reason}\n\n(where: {exc})", file=sys.stderr)
+            raise SystemExit(2) from None
+
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         config = self._get(self.config_init, "trainer", default={})
         if "logger" not in kwargs and config.get("logger") in (None, True):
@@ -98,6 +111,18 @@ class CompressionCLI(LightningCLI):
         ):
             kwargs.setdefault("callbacks", [*callbacks, RichProgressBar()])
         return super().instantiate_trainer(**kwargs)
+
+
+def _constructor_error(exc: BaseException) -> str | None:
+    """The innermost reason in jsonargparse's nested "Does not validate" message, if any.
+
+    Each level lists why every alternative type failed; the alternatives that merely have another
+    type ("Expected a <class 'str'>") are noise, the last remaining line is the constructor's own
+    ``ValueError``/``TypeError`` message.
+    """
+    reasons = [line.strip()[2:] for line in str(exc).splitlines() if line.strip().startswith("- ")]
+    reasons = [r for r in reasons if not r.startswith(("Expected a ", "Does not validate"))]
+    return reasons[-1] if reasons else None
 
 
 def default_loggers(root_dir: str | None = None) -> list[Logger]:

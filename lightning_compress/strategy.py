@@ -1,6 +1,8 @@
 """``CompressedDDP``: Lightning's ``DDPStrategy``, except that gradients travel compressed.
 
-It differs from ``DDPStrategy`` at five points only:
+The body is :class:`CompressedDDPMixin`, free of any Lightning namespace; ``CompressedDDP`` here
+puts it on ``pytorch_lightning``'s ``DDPStrategy`` and :mod:`lightning_compress.lightning` on
+``lightning.pytorch``'s. It differs from ``DDPStrategy`` at these points only:
 
 - ``setup``: after the optimizers exist, warns when momentum would be applied twice (in the
   exchange, ``momentum > 0``, and by the optimizer);
@@ -10,11 +12,15 @@ It differs from ``DDPStrategy`` at five points only:
   step communicates and what happens after it (Local SGD, SlowMo, ...);
 - ``save_checkpoint`` / ``load_checkpoint``: every rank's compression state (error-feedback
   residuals, sketch momentum, RNG, ledger, schedule state) goes into the checkpoint and comes
-  back to the same rank on resume.
+  back to the same rank on resume;
+- ``_configure_launcher``: with ``start_method="spawn"`` rank 0's ledger and step count come
+  back to the main process, as Lightning brings back the weights and metrics.
 """
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -23,13 +29,17 @@ import torch.distributed as dist
 from lightning_fabric.strategies.registry import _StrategyRegistry
 from lightning_fabric.utilities.types import _PATH
 from lightning_utilities.core.apply_func import apply_to_collection
+from lightning_utilities.core.rank_zero import rank_zero_warn
 from pytorch_lightning.strategies import DDPStrategy
-from pytorch_lightning.utilities import rank_zero_warn
+from pytorch_lightning.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_compress.checkpoint_schema import validate_entry
 from lightning_compress.compressors import Compressor
+from lightning_compress.fingerprint import check_settings_agree, settings_of
 from lightning_compress.hooks import CompressionState, register_compression_hook
 from lightning_compress.sync.base import SyncSchedule
 
@@ -43,7 +53,7 @@ CHECKPOINT_KEY = "lightning_compress"
 _FORBIDDEN = ("ddp_comm_hook", "ddp_comm_state", "ddp_comm_wrapper", "model_averaging_period")
 
 
-class CompressedDDP(DDPStrategy):
+class CompressedDDPMixin:
     """Distributed data parallel training with compressed gradient exchange.
 
     Args:
@@ -76,17 +86,22 @@ class CompressedDDP(DDPStrategy):
             like stock DDP.
         sketch_momentum: deprecated alias of ``momentum`` for a count sketch (warns).
         **kwargs: every :class:`~pytorch_lightning.strategies.DDPStrategy` argument
-            (``process_group_backend``, ``timeout``, ``find_unused_parameters``,
-            ``bucket_cap_mb``, ``start_method``, ...).
+            (``process_group_backend``, ``timeout``, ``start_method``, ...) and every
+            ``DistributedDataParallel`` one (``find_unused_parameters``, ``bucket_cap_mb``, ...);
+            any other name raises ``TypeError`` naming the closest valid one.
 
     Example::
 
         trainer = pl.Trainer(accelerator="cpu", devices=2,
                              strategy=CompressedDDP(compressor=QSGD(bits=4)))
 
+    With ``import lightning as L``, take it from :mod:`lightning_compress.lightning`.
+
     """
 
     strategy_name = "ddp_compressed"
+    #: the namespace's spawn launcher with :class:`ReturnsCompressionState` (set by each namespace)
+    _spawn_launcher: type
 
     def __init__(
         self,
@@ -102,6 +117,7 @@ class CompressedDDP(DDPStrategy):
         sketch_momentum: float | None = None,
         **kwargs: Any,
     ) -> None:
+        self._check_kwargs(kwargs)
         clash = [k for k in _FORBIDDEN if kwargs.get(k) is not None]
         if clash:
             raise ValueError(
@@ -139,6 +155,21 @@ class CompressedDDP(DDPStrategy):
         self.optimizer_steps = 0
         self._restored: dict[str, Any] | None = None
 
+    def _check_kwargs(self, kwargs: dict[str, Any]) -> None:
+        """Refuse a name that neither ``DDPStrategy`` nor ``DistributedDataParallel`` takes."""
+        valid = set(inspect.signature(CompressedDDPMixin.__init__).parameters)
+        valid |= set(inspect.signature(super().__init__).parameters)  # the namespace's DDPStrategy
+        valid |= set(inspect.signature(DistributedDataParallel.__init__).parameters)
+        valid -= {"self", "kwargs", "module", "device_ids"}
+        for name in kwargs:
+            if name not in valid:
+                close = difflib.get_close_matches(name, sorted(valid), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise TypeError(
+                    f"CompressedDDP got an unexpected keyword argument {name!r}{hint} (it takes its own "
+                    "arguments, DDPStrategy's and DistributedDataParallel's)"
+                )
+
     @property
     def compressor(self) -> Compressor:
         return self.comm_state.compressor
@@ -159,6 +190,8 @@ class CompressedDDP(DDPStrategy):
     # -- wiring ------------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer) -> None:
+        # every rank, before DDP's own collectives: settings that differ fail here, by name
+        check_settings_agree(settings_of(self), what="CompressedDDP")
         super().setup(trainer)
         self._warn_double_momentum()
 
@@ -188,9 +221,38 @@ class CompressedDDP(DDPStrategy):
         log.debug(f"{self.__class__.__name__}: registering the compression hook on {self.root_device}")
         assert self.model is not None
         self.comm_state.process_group = None
-        register_compression_hook(self.model, self.comm_state)  # type: ignore[arg-type]
+        if self.world_size > 1:
+            register_compression_hook(self.model, self.comm_state)  # type: ignore[arg-type]
+        else:
+            # one process: DDP exchanges nothing, so compressing would only add rounding error
+            rank_zero_warn(
+                "CompressedDDP runs on a single process (world size 1): there is no gradient exchange, so "
+                f"the codec ({self.compressor!r}) is skipped and gradients stay exact; nothing is counted"
+            )
         self._apply_restored()
         self.sync.setup(self)
+
+    @override
+    def _configure_launcher(self) -> None:
+        super()._configure_launcher()
+        launcher = self._launcher
+        if launcher is not None and hasattr(launcher, "update_main_process_results"):
+            # spawn: bring rank 0's ledger and step count back to the main process with the weights
+            self._launcher = self._spawn_launcher(self, start_method=self._start_method)
+
+    def _main_process_state(self) -> dict[str, Any]:
+        return {
+            "ledger": self.comm_state.ledger.state_dict(),
+            "step": self.comm_state.step,
+            "skipped_steps": self.comm_state.skipped_steps,
+            "optimizer_steps": self.optimizer_steps,
+        }
+
+    def _load_main_process_state(self, state: dict[str, Any]) -> None:
+        self.comm_state.ledger.load_state_dict(state["ledger"])
+        self.comm_state.step = int(state["step"])
+        self.comm_state.skipped_steps = int(state["skipped_steps"])
+        self.optimizer_steps = int(state["optimizer_steps"])
 
     @override
     def pre_backward(self, closure_loss: Tensor) -> None:
@@ -271,10 +333,8 @@ class CompressedDDP(DDPStrategy):
             )
             self._restored = None
             return
-        if not isinstance(entry, dict) or not isinstance(entry.get("ranks"), list):
-            raise ValueError(
-                f"checkpoint[{CHECKPOINT_KEY!r}] is corrupted: expected a dict with a 'ranks' list"
-            )
+        # every rank checks every rank's part: all raise the same error together, no collective
+        validate_entry(entry)
         if entry["world_size"] != self.world_size:
             rank_zero_warn(
                 f"CompressedDDP: the checkpoint was saved by {entry['world_size']} ranks, this run has "
@@ -298,6 +358,29 @@ class CompressedDDP(DDPStrategy):
     def teardown(self) -> None:
         self.comm_state._pending = []
         super().teardown()
+
+
+class ReturnsCompressionState:
+    """Body of the spawn launcher: rank 0's compression counters come back with the weights."""
+
+    def get_extra_results(self, trainer: Any) -> dict[str, Any]:
+        extra = super().get_extra_results(trainer)  # type: ignore[misc]
+        extra[CHECKPOINT_KEY] = trainer.strategy._main_process_state()
+        return extra
+
+    def update_main_process_results(self, trainer: Any, extra: dict[str, Any]) -> None:
+        super().update_main_process_results(trainer, extra)  # type: ignore[misc]
+        if CHECKPOINT_KEY in extra:
+            trainer.strategy._load_main_process_state(extra[CHECKPOINT_KEY])
+
+
+class _SpawnLauncher(ReturnsCompressionState, _MultiProcessingLauncher):
+    pass
+
+
+class CompressedDDP(CompressedDDPMixin, DDPStrategy):
+    __doc__ = CompressedDDPMixin.__doc__
+    _spawn_launcher = _SpawnLauncher
 
 
 def _to_cpu(obj: Any) -> Any:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import pytorch_lightning as pl
 import torch
+from lightning_ns import pl
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 

@@ -7,14 +7,12 @@ import math
 import os
 
 import pytest
-import pytorch_lightning as pl
 import torch
 from launch import run_distributed
+from lightning_ns import CommunicationMonitor, CompressedDDP, CSVLogger, pl
 from models import ToyClassifier, flat_params, teacher_dataset, trainer_kwargs
-from pytorch_lightning.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
-from lightning_compress import CommunicationMonitor, CompressedDDP
 from lightning_compress.compressors import QSGD, NoCompression, TopK
 from lightning_compress.policies import AdaptiveTopKPolicy, DQPolicy
 
@@ -212,6 +210,27 @@ def test_stock_ddp_without_policy_logs_exact_float32_bits(tmp_path):
     assert "1.00x" in res[0]["table"]
 
 
+def slowmo_period_4():
+    from lightning_compress.sync import SlowMo
+
+    return CompressedDDP(compressor="none", sync=SlowMo(period=4, momentum=0.5))
+
+
+def test_summary_under_a_local_schedule_compares_with_ddp_for_the_same_steps():
+    # 12 optimizer steps, an exchange every 4th: DDP would have allreduced every step
+    res = run_distributed(_run, 2, {"strategy": slowmo_period_4, "steps": 12, "hidden": 32})
+    params = sum(res[0]["sizes"])
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:4]]
+            for line in res[0]["table"].splitlines() if line.count("│") == 4}
+    assert rows["optimizer steps"] == ["12", "12"]
+    assert rows["exchanges (gradients or models)"] == ["3", "12"]
+    ddp_bytes = 12 * 4 * params  # float32, every step: handed == on the wire with 2 ranks
+    human = f"{ddp_bytes / 1024:,.2f} KiB"
+    assert rows["bytes handed to collectives"][1] == human
+    assert rows["bytes on the wire (ring)"][1] == human
+    assert res[0]["ledger"]["exchanges"] == 3 and res[0]["ledger"]["steps"] == 12
+
+
 @pytest.mark.parametrize("policy, min_ratio", [(dq4, 6.0), (topk1, 20.0)], ids=["dq", "adaptive_topk"])
 def test_stock_ddp_with_policy_compresses_and_trains(policy, min_ratio, ddp_baseline, tmp_path):
     res = run_distributed(_run, 2, {"strategy": plain_ddp, "policy": policy}, str(tmp_path))
@@ -311,7 +330,7 @@ def test_dq_policy_with_a_codec_without_bit_width_fails_at_setup():
 
 
 def test_stock_ddp_with_its_own_comm_hook_is_refused():
-    from pytorch_lightning.strategies import DDPStrategy
+    from lightning_ns import DDPStrategy
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
     monitor = CommunicationMonitor()

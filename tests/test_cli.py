@@ -166,11 +166,22 @@ def test_defaults_are_the_digits_example(tmp_path):
     assert cli.model.cosine and cli.model.lr == 0.05  # the same training as base.yaml
 
 
-def test_bad_value_names_the_parameter(tmp_path):
+def test_bad_value_is_the_first_line_of_the_error(tmp_path, capsys):
     from lightning_compress.cli import main
 
-    with pytest.raises(ValueError, match="bits must be an integer in 1..8"):
+    with pytest.raises(SystemExit) as exit_info:
         main([*_args("qsgd.yaml", tmp_path), "--trainer.strategy.compressor.bits", "12"], run=False)
+    assert exit_info.value.code == 2
+    first = capsys.readouterr().err.splitlines()[0]
+    assert first == "error: bits must be an integer in 1..8, got 12"
+
+
+def test_typo_in_a_strategy_argument_names_the_closest(tmp_path, capsys):
+    from lightning_compress.cli import main
+
+    with pytest.raises(SystemExit):
+        main([*_args("qsgd.yaml", tmp_path), "--trainer.strategy.init_args.dimm", "0"], run=False)
+    assert "dimm" in capsys.readouterr().err
 
 
 def test_help_lists_the_package_classes(capsys):

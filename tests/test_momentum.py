@@ -6,10 +6,10 @@ import warnings
 import pytest
 import torch
 from launch import init_process_group, run_distributed
+from lightning_ns import CompressedDDP
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from lightning_compress import CompressedDDP
 from lightning_compress.compressors import QSGD, CountSketch, NoCompression, TopK
 from lightning_compress.hooks import CompressionState, register_compression_hook
 from lightning_compress.sync import LocalSGD
@@ -251,7 +251,7 @@ def test_double_momentum_warning(make, expected):
 
 
 def _fit_warns(rank, world_size, momentum):
-    import pytorch_lightning as pl
+    from lightning_ns import pl
     from models import ToyClassifier, trainer_kwargs
 
     pl.seed_everything(0, verbose=False)
@@ -303,7 +303,7 @@ def _sketch_mc():
 def _trainer_resume(rank, world_size, ckpt_dir, factory):
     import os
 
-    import pytorch_lightning as pl
+    from lightning_ns import pl
     from models import ToyClassifier, flat_params, trainer_kwargs
 
     def fit(max_epochs, ckpt_path=None):

@@ -8,13 +8,12 @@ import signal
 import time
 
 import pytest
-import pytorch_lightning as pl
 import torch
 from launch import run_distributed
+from lightning_ns import CompressedDDP, pl
 from models import ToyClassifier, flat_params, trainer_kwargs
 from torch import nn
 
-from lightning_compress import CompressedDDP
 from lightning_compress.compressors import QSGD, TopK
 from lightning_compress.strategy import CHECKPOINT_KEY
 
@@ -165,7 +164,8 @@ def test_corrupted_compression_state_is_a_clear_error():
 
 def test_checkpoint_from_another_world_size_warns():
     strategy = CompressedDDP()
-    entry = {"version": 1, "world_size": 4, "ranks": [{"optimizer_steps": 7}] * 4}
+    rank = {"optimizer_steps": 7, "comm": CompressedDDP().comm_state.state_dict(), "sync": {}}
+    entry = {"version": 1, "world_size": 4, "ranks": [rank] * 4}
     with pytest.warns(UserWarning, match="4 ranks"):
         strategy.restore_compression_state({CHECKPOINT_KEY: entry})
     assert strategy._restored == {"optimizer_steps": 7}

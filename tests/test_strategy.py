@@ -5,12 +5,11 @@ from __future__ import annotations
 import os
 
 import pytest
-import pytorch_lightning as pl
 import torch
 from launch import run_distributed
+from lightning_ns import CompressedDDP, pl
 from models import ToyClassifier, flat_params, trainer_kwargs
 
-from lightning_compress import CompressedDDP
 from lightning_compress.compressors import QSGD, CountSketch, NoCompression, TopK
 from lightning_compress.sync import SyncSchedule
 

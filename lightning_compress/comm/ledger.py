@@ -9,8 +9,9 @@ Two figures are kept because they differ by the collective algorithm:
   all-to-all, ``(W−1)·n`` for an all-gather of ``n`` bytes per rank). Protocol headers come on
   top; the benchmark compares this figure with the network interface's counters.
 
-The *dense baseline* is what stock DDP would have put on the wire for the same coordinates: a
-float32 ring allreduce.
+The *dense baseline* is what stock DDP would have put on the wire for the same optimizer steps: a
+float32 ring allreduce of every gradient coordinate (also on the local steps of Local SGD and
+SlowMo, where this package sends nothing).
 """
 
 from __future__ import annotations
@@ -77,7 +78,10 @@ class BitLedger:
     current: StepRecord = field(default_factory=StepRecord)
     last: StepRecord = field(default_factory=StepRecord)
     total: StepRecord = field(default_factory=StepRecord)
+    #: optimizer steps closed
     steps: int = 0
+    #: steps that called at least one collective (fewer than ``steps`` under local-step schedules)
+    exchanges: int = 0
 
     def record(self, payload_bytes: int, wire_bytes: float) -> None:
         """Count one collective: bytes handed to it and bytes it puts on the wire."""
@@ -99,13 +103,16 @@ class BitLedger:
         self.last = done
         self.current = StepRecord()
         self.steps += 1
+        self.exchanges += done.collectives > 0
         return done
 
     def state_dict(self) -> dict:
-        return {"total": asdict(self.total), "last": asdict(self.last), "steps": self.steps}
+        total, last = asdict(self.total), asdict(self.last)
+        return {"total": total, "last": last, "steps": self.steps, "exchanges": self.exchanges}
 
     def load_state_dict(self, state: dict) -> None:
         self.total = StepRecord(**state["total"])
         self.last = StepRecord(**state.get("last", {}))
         self.steps = int(state["steps"])
+        self.exchanges = int(state.get("exchanges", self.steps))  # saved before exchanges were counted
         self.current = StepRecord()

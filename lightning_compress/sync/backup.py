@@ -95,6 +95,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_compress._lightning import closure_result_type, namespace_of
 from lightning_compress.sync.base import SyncSchedule
 
 if TYPE_CHECKING:
@@ -567,18 +568,17 @@ class BackupWorkers(SyncSchedule):
         dense_sum = torch.zeros(n_dense, dtype=torch.float32, device=device)
         large_sum = torch.zeros(n_large, dtype=torch.float32, device=device)
         scatter_add = getattr(codec, "scatter_add_into", None)
+        # divide before summing, as DDP does: finite gradients near float32's maximum stay finite
         for _, body in received:
             buf = torch.frombuffer(bytearray(body), dtype=torch.uint8).to(device)
             if n_dense:
-                dense_sum += buf[: 4 * n_dense].view(torch.float32)
+                dense_sum.add_(buf[: 4 * n_dense].view(torch.float32), alpha=1.0 / count)
             if n_large:
                 payload = codec.from_bytes(buf[4 * n_dense :], (n_large,), torch.float32)
                 if scatter_add is not None:
-                    scatter_add(large_sum, payload)
+                    scatter_add(large_sum, payload, alpha=1.0 / count)
                 else:
-                    large_sum += codec.decompress(payload).reshape(-1).to(torch.float32)
-        dense_sum /= count
-        large_sum /= count
+                    large_sum.add_(codec.decompress(payload).reshape(-1).to(torch.float32), alpha=1.0 / count)
         _write_grads(dense, dense_sum)
         _write_grads(large, large_sum)
         if n_large:  # the contributors' pre-compression norm, from the same headers on every rank
@@ -602,18 +602,18 @@ class BackupWorkers(SyncSchedule):
             return
         store = self._exchange.store if self._exchange is not None else None
         rank = self._rank
+        # the loop catches its own namespace's exception (pytorch_lightning or lightning.pytorch)
+        sigterm_exception = namespace_of(trainer).utilities.exceptions.SIGTERMException
 
         def sigterm_via_store() -> None:
             # Same contract as Lightning's: every rank raises once rank 0 received SIGTERM, but via a
             # store flag, because a broadcast would wait for the slowest rank at every batch.
-            from pytorch_lightning.utilities.exceptions import SIGTERMException
-
             if store is None:
                 return
             if rank == 0 and getattr(trainer, "received_sigterm", False):
                 store.set("sigterm", "1")
             if store.check(["sigterm"]):
-                raise SIGTERMException()
+                raise sigterm_exception()
 
         loop._broadcast_sigterm_tensor = sigterm_via_store
 
@@ -670,14 +670,11 @@ class BackupWorkers(SyncSchedule):
 
 def _skip_closure(closure: Callable[[], Any]) -> bool:
     """Mark Lightning's automatic-optimization closure as run without running it (a skipped step)."""
-    try:
-        from pytorch_lightning.loops.optimization.automatic import Closure, ClosureResult
-    except ImportError:  # pragma: no cover - other Lightning layouts: compute, then drop
-        return False
-    if not isinstance(closure, Closure):
+    closure_result = closure_result_type(closure)
+    if closure_result is None:
         return False  # manual optimization, or a user's own optimizer_step: compute, then drop
     # what Lightning records when training_step returns None: the step has no loss and no outputs
-    closure._result = ClosureResult(closure_loss=None)
+    closure._result = closure_result(closure_loss=None)
     return True
 
 

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import os
 
-import pytorch_lightning as pl
 import torch
+from lightning_ns import CompressedDDP, pl
 from models import ToyClassifier, flat_params, trainer_kwargs
-
-from lightning_compress import CompressedDDP
 
 
 class Recorder(pl.Callback):

@@ -11,13 +11,12 @@ import pickle
 import time
 
 import pytest
-import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 from launch import init_process_group, run_distributed
+from lightning_ns import CompressedDDP, pl
 from models import ToyClassifier, flat_params, trainer_kwargs
 
-from lightning_compress import CompressedDDP
 from lightning_compress.compressors import QSGD, CountSketch, NoCompression, TopK
 from lightning_compress.sync import BackupWorkers
 from lightning_compress.sync.backup import FirstNExchange
@@ -302,7 +301,7 @@ def _monitored(rank, world_size, log_dir):
     import glob
     import os
 
-    from pytorch_lightning.loggers import CSVLogger
+    from lightning_ns import CSVLogger
 
     from lightning_compress import CommunicationMonitor
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from fitting import resume
 from launch import run_distributed
+from lightning_ns import CompressedDDP
 
-from lightning_compress import CompressedDDP
 from lightning_compress.compressors import QSGD, NoCompression
 from lightning_compress.sync import LocalSGD, OverlapLocalSGD, SlowMo
 

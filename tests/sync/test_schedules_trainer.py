@@ -6,8 +6,8 @@ import pytest
 import torch
 from fitting import fit_many
 from launch import run_distributed
+from lightning_ns import CompressedDDP
 
-from lightning_compress import CompressedDDP
 from lightning_compress.compressors import QSGD, NoCompression, TopK
 from lightning_compress.sync import LocalSGD, OverlapLocalSGD, SlowMo
 
@@ -100,13 +100,13 @@ def test_overlap_anchor_identical_replicas_pulled_towards_it(exact_runs):
 def test_ledger_counts_one_model_per_period(exact_runs, name):
     for rank in exact_runs:
         r = rank[name]
-        full = 4 * r["numel"]  # float32 bytes of the whole model, handed to one allreduce
+        full = 4 * (r["numel"] + 1)  # the model and the non-finite flag, one allreduce
         assert r["steps"] == STEPS == r["optimizer_steps"]  # one ledger step per optimizer step
         assert r["total"].payload_bytes == STEPS // TAU * full
         assert r["total"].payload_bytes / r["steps"] == full / TAU
         assert r["total"].collectives == STEPS // TAU  # one fused collective per sync point
         # against stock DDP, which allreduces every gradient at every step: τ times fewer bytes
-        assert r["total"].compression_ratio == pytest.approx(TAU)
+        assert r["total"].compression_ratio == pytest.approx(TAU, rel=1e-3)
         for step in range(1, RECORD + 1):
             assert r["rec_ledger_steps"][step] == step
             assert r["rec_bytes"][step] == (full if _synced(step) else 0), (name, step)
@@ -131,7 +131,7 @@ def test_compressed_average_bytes(compressed_runs):
     large = sum(n for n in sizes if n >= 256)
     small = sum(n for n in sizes if n < 256)
     shard = -(-large // 2)
-    per_sync = 4 * small + 2 * codec.payload_nbytes(shard) + codec.payload_nbytes(shard)
+    per_sync = 4 * (small + 1) + 2 * codec.payload_nbytes(shard) + codec.payload_nbytes(shard)
     assert r["numel"] == large + small
     assert r["total"].payload_bytes == STEPS // TAU * per_sync
     # on the wire: about 4x fewer bytes than the exact float32 average of the same coordinates
@@ -176,7 +176,7 @@ def test_slowmo_momentum_buffers_policies(bn_runs):
     r = bn_runs[0]["slowmo_avg"]
     n_buffers = sum(v.numel() for v in r["buffers"].values() if v.is_floating_point())
     # per sync point: one allreduce of parameters and float buffers, one of the momentum buffers
-    assert r["total"].payload_bytes == 2 * (4 * (r["numel"] + n_buffers) + 4 * r["numel"])
+    assert r["total"].payload_bytes == 2 * (4 * (r["numel"] + n_buffers + 1) + 4 * r["numel"])
     assert r["total"].collectives == 2 * 2
 
 
