@@ -66,12 +66,15 @@ def test_unknown_argument_names_the_closest_valid_one(typo, suggestion):
 
 # -- one process: nothing to exchange -------------------------------------------------------------
 def test_single_process_skips_the_codec_and_says_so(tmp_path):
+    import lightning_ns  # the namespace of this run's Trainer tests, as models.ToyClassifier
     from models import ToyClassifier
 
-    strategy = lightning_compress.CompressedDDP(compressor=QSGD(bits=2))
-    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=strategy, max_steps=3, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         default_root_dir=tmp_path)
+    strategy = lightning_ns.CompressedDDP(compressor=QSGD(bits=2))
+    trainer = lightning_ns.pl.Trainer(
+        accelerator="cpu", devices=1, strategy=strategy, max_steps=3, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     with pytest.warns(UserWarning, match="single process.*codec.*skipped"):
         trainer.fit(ToyClassifier())
     assert strategy.comm_state.ledger.steps == 0  # no hook: nothing quantized, nothing counted
