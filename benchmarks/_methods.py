@@ -19,8 +19,9 @@ from pytorch_lightning.strategies import DDPStrategy
 
 # DDP's buckets: one bucket for the whole model. torch's PowerSGD hook fails on gloo with several
 # buckets (its chained collectives run in different orders on different ranks); the other
-# methods do not care, and one bucket keeps the comparison equal.
-BUCKET_CAP_MB = 256
+# methods do not care, and one bucket keeps the comparison equal. `netem.py --bucket-cap-mb 25`
+# (DDP's default) sets it per run, to measure how much communication overlaps backward.
+BUCKET_CAP_MB: float = 256
 
 
 class TorchHookDDP(DDPStrategy):
@@ -141,6 +142,11 @@ def _stock() -> tuple[Any, list[Any]]:
     return DDPStrategy(process_group_backend="gloo", bucket_cap_mb=BUCKET_CAP_MB), []
 
 
+def _monitored() -> tuple[Any, list[Any]]:
+    strategy, _ = _stock()
+    return strategy, [_lc("lightning_compress.CommunicationMonitor")(summary=False)]
+
+
 def _fp16() -> tuple[Any, list[Any]]:
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
@@ -245,6 +251,15 @@ def methods(extra: tuple[str, ...] = ()) -> dict[str, Method]:
             counts="dense",
             notes="Lightning's DDPStrategy, no comm hook (Lightning registers none on CPU)",
         ),
+        Method(
+            "monitor",
+            "stock DDP + CommunicationMonitor()",
+            "lightning_compress",
+            _monitored,
+            counts="dense",
+            notes="the monitor alone, metering DDP's own float32 allreduce",
+        ),
+        Method("none", "CompressedDDP(compressor='none')", "lightning_compress", _compressed(lambda: "none")),
         Method("fp16", "torch fp16_compress_hook", "baseline", _fp16, counts="allreduce"),
         Method("powersgd1", "torch PowerSGD rank 1", "baseline", _powersgd(1), counts="allreduce"),
         Method("powersgd4", "torch PowerSGD rank 4", "baseline", _powersgd(4), counts="allreduce"),

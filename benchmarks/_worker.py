@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from pytorch_lightning.callbacks import Callback
 
+from benchmarks import _methods
 from benchmarks._methods import AllreduceCounter, Method, get_method
 from benchmarks._tasks import TASKS
 
@@ -180,6 +181,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     world = int(cfg["world"])
     pl.seed_everything(int(cfg["seed"]), verbose=False)
     method = None if cfg["method"] == "floor" else get_method(cfg["method"])
+    _methods.BUCKET_CAP_MB = float(cfg.get("bucket_cap_mb", _methods.BUCKET_CAP_MB))
     task_kwargs = dict(cfg.get("task_kwargs", {}))
     if method is not None and method.momentum is not None:
         task_kwargs["momentum"] = method.momentum

@@ -170,6 +170,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("--run-timeout", type=float, default=1500.0, help="kill a run after this many seconds")
     r.add_argument("--floor-steps", type=int, default=64, help="steps of the single-process floor run")
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument(
+        "--bucket-cap-mb",
+        type=float,
+        default=256.0,
+        help="DDP's bucket size for every method (256: one bucket; 25 is DDP's default, where "
+        "communication overlaps backward; torch's PowerSGD hook needs one bucket on gloo)",
+    )
     o = p.add_argument_group("output")
     o.add_argument(
         "--target",
@@ -388,7 +395,14 @@ def _task_cfg(args: argparse.Namespace, task: str) -> dict[str, Any]:
         kwargs["lr"] = args.lr
     steps = args.steps or TASK_DEFAULTS[task]["steps"]
     every = args.eval_every or TASK_DEFAULTS[task]["eval_every"]
-    return {"task": task, "task_kwargs": kwargs, "steps": steps, "eval_every": every, "seed": args.seed}
+    return {
+        "task": task,
+        "task_kwargs": kwargs,
+        "steps": steps,
+        "eval_every": every,
+        "seed": args.seed,
+        "bucket_cap_mb": args.bucket_cap_mb,
+    }
 
 
 def _warm(args: argparse.Namespace, period: int) -> int:

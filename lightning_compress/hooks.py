@@ -20,6 +20,11 @@ How it works (and why it is safe on gloo with many buckets):
    that is a collective mismatch.
 3. The averages are written back into the bucket buffers and every future is completed.
 
+A plain float exchange (:class:`~lightning_compress.compressors.NoCompression`, no exchange
+momentum, no policy) has nothing to fuse: each bucket's allreduce starts as soon as DDP hands it
+over, as DDP's default hook does (:meth:`CompressionState.plain_allreduce`), so metering stock DDP
+costs what DDP costs.
+
 Error-feedback residuals are kept per parameter name, so DDP's bucket rebuild after the first
 iteration, or a resume with another bucket size, keeps them where they belong.
 
@@ -43,8 +48,8 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_compress.comm.collectives import allreduce_mean, exchange, write_flat_
-from lightning_compress.comm.ledger import BitLedger
-from lightning_compress.compressors import Compressor, resolve_compressor
+from lightning_compress.comm.ledger import BitLedger, allreduce_wire_bytes
+from lightning_compress.compressors import Compressor, NoCompression, resolve_compressor
 from lightning_compress.feedback import ErrorFeedback
 
 log = logging.getLogger(__name__)
@@ -168,6 +173,7 @@ class CompressionState:
         self.skipped_steps = 0
         self.names: dict[int, tuple[int, str]] = {}
         self._pending: list[tuple[Tensor, list[Tensor], torch.futures.Future]] = []
+        self._inflight: list[Any] = []  # plain allreduce: the works of this step's buckets
         self._layout: tuple[tuple[str, int], ...] = ()  # of the compressed memories
         self._dense_layout: tuple[tuple[str, int], ...] = ()  # of the dense momentum
         #: per-parameter memories of parameters in neither layout now (kept, and checkpointed)
@@ -205,9 +211,64 @@ class CompressionState:
     # -- the exchange ------------------------------------------------------------------------
     def park(self, bucket: dist.GradBucket) -> torch.futures.Future:
         fut: torch.futures.Future = torch.futures.Future()
+        if self.plain_allreduce and self.communicate:
+            return self._allreduce_now(bucket, fut)
         self._pending.append((bucket.buffer(), list(bucket.parameters()), fut))
         if bucket.is_last():
             self.flush()
+        return fut
+
+    @property
+    def plain_allreduce(self) -> bool:
+        """Whether the exchange is DDP's own: a float allreduce per bucket, nothing to decide.
+
+        True for :class:`~lightning_compress.compressors.NoCompression` without exchange momentum
+        or a policy (the monitor metering stock DDP, ``CompressedDDP(compressor="none")``). Then
+        each bucket's allreduce starts as soon as DDP hands the bucket over, while backward goes
+        on, as with DDP's default hook; one allreduce per bucket, issued from the autograd thread
+        in bucket order, is the same order on every rank.
+        """
+        return isinstance(self.compressor, NoCompression) and self.momentum == 0.0 and self.policy is None
+
+    def _allreduce_now(self, bucket: dist.GradBucket, fut: torch.futures.Future) -> torch.futures.Future:
+        """Start this bucket's averaging allreduce now; at the last bucket, wait and complete all.
+
+        The futures complete at the last bucket, once the step's non-finite check is done, so a
+        skipped step zeroes every bucket before DDP reads any of them. Waiting there costs
+        nothing: backward is over when the last bucket is ready, and DDP would wait for the same
+        allreduces. The check reads the *averages*: a NaN or Inf on any rank makes them non-finite
+        on every rank (finite values cannot overflow, being divided before the sum), so every rank
+        decides the same without a flag in the collective; the bytes are exactly DDP's.
+        """
+        buffer, world = bucket.buffer(), self.world_size
+        buffer.div_(world)  # divided before the sum, as DDP's default hook does
+        nbytes = buffer.numel() * buffer.element_size()
+        self.ledger.record_coords(buffer.numel(), nbytes, world)
+        self.ledger.record(nbytes, allreduce_wire_bytes(nbytes, world))
+        self._inflight.append(dist.all_reduce(buffer, group=self.process_group, async_op=True))
+        self._pending.append((buffer, list(bucket.parameters()), fut))
+        if not bucket.is_last():
+            return fut
+        pending, self._pending = self._pending, []
+        inflight, self._inflight = self._inflight, []
+        self.last_compressed = False
+        try:
+            for work in inflight:
+                work.wait()
+            buffers = [b for b, _, _ in pending]
+            self.last_step_skipped = self.nonfinite != "ignore" and bool(_nonfinite_flag(buffers))
+            if self.last_step_skipped:  # the step's one host sync is the read above
+                self._on_nonfinite(None, buffers)
+            self.ledger.end_step()
+            for b, _, f in pending:
+                f.set_result(b)
+        except BaseException as err:  # never leave DDP waiting on a future that cannot complete
+            for _, _, f in pending:
+                if not f.done():
+                    f.set_exception(err)
+            raise
+        finally:
+            self.step += 1
         return fut
 
     def flush(self) -> None:
@@ -327,10 +388,9 @@ class CompressionState:
             value = self.policy.decide(grad_norm, self.step if step is None else step)
             self.policy.apply(self.compressor, value)
 
-    def _on_nonfinite(self, bad_ranks: int, views: list[Tensor]) -> None:
-        message = (
-            f"non-finite gradients (NaN/Inf) on {bad_ranks} of {self.world_size} ranks at step {self.step}"
-        )
+    def _on_nonfinite(self, bad_ranks: int | None, views: list[Tensor]) -> None:
+        where = "at least one" if bad_ranks is None else str(bad_ranks)  # None: seen in the averages
+        message = f"non-finite gradients (NaN/Inf) on {where} of {self.world_size} ranks at step {self.step}"
         if self.nonfinite == "raise":
             raise FloatingPointError(f"{message}; set nonfinite='skip' to skip such steps instead")
         log.warning("%s: step skipped on every rank, error-feedback memory untouched", message)
@@ -514,7 +574,7 @@ class CompressionState:
         # spawn pickles the strategy into its children: no process group, futures or generator
         d = self.__dict__.copy()
         d["process_group"] = None
-        d["_pending"] = []
+        d["_pending"], d["_inflight"] = [], []
         d["_generator"] = None
         return d
 

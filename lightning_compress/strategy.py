@@ -356,7 +356,7 @@ class CompressedDDPMixin:
 
     @override
     def teardown(self) -> None:
-        self.comm_state._pending = []
+        self.comm_state._pending, self.comm_state._inflight = [], []
         super().teardown()
 
 

@@ -77,6 +77,64 @@ def test_uncompressed_hook_equals_ddp_allreduce():
     assert max(out[0]) < 1e-6
 
 
+def _in_flight_per_bucket(rank, world_size, codec, nonfinite, nan_rank):
+    """Per bucket, how many allreduces are in flight when the hook returns; and the results."""
+    init_process_group(rank, world_size)
+    ours = DistributedDataParallel(_model(), bucket_cap_mb=0.001)
+    state = CompressionState(codec, min_compression_size=128, nonfinite=nonfinite)
+    state.bind(ours.module.named_parameters())
+    in_flight = []
+
+    def watching_hook(st, bucket):
+        fut = compressed_hook(st, bucket)
+        in_flight.append((bucket.is_last(), len(st._inflight)))
+        return fut
+
+    ours.register_comm_hook(state, watching_hook)
+    stock = DistributedDataParallel(_model(), bucket_cap_mb=0.001)
+    x = torch.randn(16, 32, generator=torch.Generator().manual_seed(rank))
+    ours(x).sum().backward()  # DDP's first iteration: one bucket; then it rebuilds them small
+    stock(x).sum().backward()
+    ours.zero_grad(), stock.zero_grad(), in_flight.clear()
+    if rank == nan_rank:
+        x[0, 0] = float("nan")
+    ours(x).sum().backward()
+    stock(x).sum().backward()
+    pairs = zip(ours.parameters(), stock.parameters(), strict=True)
+    grads = [(a.grad.clone(), b.grad.clone()) for a, b in pairs]
+    return {"in_flight": in_flight, "grads": grads, "ledger": state.ledger.state_dict(),
+            "skipped": state.last_step_skipped, "numel": sum(p.numel() for p in ours.parameters())}
+
+
+def test_plain_float_allreduce_starts_each_bucket_as_it_arrives_like_ddp():
+    out = run_distributed(_in_flight_per_bucket, 2, NoCompression(), "ignore", -1)
+    in_flight = out[0]["in_flight"]
+    assert len(in_flight) >= 3, "the test needs several buckets"
+    # bucket i's allreduce is on the wire while backward goes on; all done at the last bucket
+    assert [n for last, n in in_flight if not last] == list(range(1, len(in_flight)))
+    assert in_flight[-1] == (True, 0)
+    for ours, stock in out[0]["grads"]:
+        assert torch.equal(ours, stock)  # DDP's own arithmetic: divide, then allreduce
+    ledger = out[0]["ledger"]
+    assert ledger["last"]["payload_bytes"] == 4 * out[0]["numel"]  # exactly what DDP sends
+    assert ledger["last"]["collectives"] == len(in_flight) and ledger["steps"] == 2
+    # a codec parks every bucket until the last one (one fused exchange)
+    out = run_distributed(_in_flight_per_bucket, 2, QSGD(bits=8), "ignore", -1)
+    assert all(n == 0 for _, n in out[0]["in_flight"])
+
+
+def test_plain_float_allreduce_carries_the_nonfinite_flag_and_skips_on_every_rank():
+    out = run_distributed(_in_flight_per_bucket, 2, NoCompression(), "skip", 1)
+    assert [r["skipped"] for r in out] == [True, True]
+    for r in out:
+        assert all(not ours.any() for ours, _ in r["grads"])  # zero update on every rank
+        assert r["ledger"]["last"]["payload_bytes"] == 4 * r["numel"]  # no flag: read from the averages
+    out = run_distributed(_in_flight_per_bucket, 2, NoCompression(), "skip", -1)
+    assert [r["skipped"] for r in out] == [False, False]
+    for ours, stock in out[0]["grads"]:
+        assert torch.equal(ours, stock)
+
+
 def test_state_pickles_without_process_group():
     state = CompressionState(TopK(k=4), process_group=dist.group.WORLD if dist.is_initialized() else None)
     clone = pickle.loads(pickle.dumps(state))
