@@ -252,7 +252,8 @@ class CompressionState:
         pending, self._pending = self._pending, []
         inflight, self._inflight = self._inflight, []
         self.last_compressed = False
-        try:
+
+        def finish() -> None:
             for work in inflight:
                 work.wait()
             buffers = [b for b, _, _ in pending]
@@ -260,25 +261,26 @@ class CompressionState:
             if self.last_step_skipped:  # the step's one host sync is the read above
                 self._on_nonfinite(None, buffers)
             self.ledger.end_step()
-            for b, _, f in pending:
-                f.set_result(b)
-        except BaseException as err:  # never leave DDP waiting on a future that cannot complete
-            for _, _, f in pending:
-                if not f.done():
-                    f.set_exception(err)
-            raise
-        finally:
-            self.step += 1
+
+        self._settle(pending, finish)
         return fut
 
     def flush(self) -> None:
         """Exchange every parked bucket (see the module docstring, step 2) and complete futures."""
         pending, self._pending = self._pending, []
         self.last_compressed = False
-        try:
+
+        def exchange() -> None:
             if self.communicate:
                 self._exchange(pending)
                 self.ledger.end_step()
+
+        self._settle(pending, exchange)
+
+    def _settle(self, pending: list[tuple[Tensor, list[Tensor], torch.futures.Future]], run: Any) -> None:
+        """Run the step's exchange, then complete every bucket's future, and count the step."""
+        try:
+            run()
             for buffer, _, fut in pending:
                 fut.set_result(buffer)
         except BaseException as err:  # never leave DDP waiting on a future that cannot complete

@@ -10,12 +10,11 @@ import time
 from types import SimpleNamespace
 
 import pytest
-import pytorch_lightning as pl
 import torch
 from launch import run_distributed
+from lightning_ns import CompressedDDP, pl
 from models import ToyClassifier, trainer_kwargs
 
-from lightning_compress import CompressedDDP
 from lightning_compress.checkpoint_schema import validate_entry
 from lightning_compress.compressors import QSGD, NoCompression, TopK
 from lightning_compress.strategy import CHECKPOINT_KEY

@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import datetime
-import inspect
 import time
 
 import pytest
-import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 from launch import init_process_group, run_distributed
+from lightning_ns import CompressedDDP, pl
 from models import ToyClassifier, trainer_kwargs
 
-import lightning_compress.callback
-import lightning_compress.strategy
-from lightning_compress import CompressedDDP
 from lightning_compress.compressors import QSGD, CountSketch, NoCompression, TopK
 from lightning_compress.fingerprint import check_settings_agree, describe_differences, settings_of
 from lightning_compress.hooks import CompressionState
@@ -259,12 +255,10 @@ def test_three_ranks_and_a_subgroup():
 # -- through a real Trainer (once the strategy and the monitor call the check) ---------------------
 
 
-def _fit_bits(rank, world_size):
+def _fit_until_it_raises(world_size, strategy, callbacks=()):
     pl.seed_everything(0, verbose=False)
-    strategy = CompressedDDP(
-        compressor=QSGD(bits=4 if rank == 0 else 8), timeout=datetime.timedelta(seconds=60)
-    )
-    trainer = pl.Trainer(**trainer_kwargs(world_size, strategy=strategy, max_steps=4))
+    kwargs = trainer_kwargs(world_size, strategy=strategy, max_steps=4, callbacks=list(callbacks))
+    trainer = pl.Trainer(**kwargs)
     start = time.perf_counter()
     try:
         trainer.fit(ToyClassifier())
@@ -273,33 +267,29 @@ def _fit_bits(rank, world_size):
     return {"raised": None, "elapsed": time.perf_counter() - start}
 
 
-def test_trainer_with_different_bits_fails_on_every_rank():
-    if "fingerprint" not in inspect.getsource(lightning_compress.strategy):
-        pytest.skip("wired by strategy")
-    out = run_distributed(_fit_bits, 2, timeout=180)
-    for r in out:
-        assert r["raised"] is not None and "compressor.bits is 4 on rank 0, 8 on rank 1" in r["raised"]
-        assert r["elapsed"] < 20.0
+def _fit_bits(rank, world_size):
+    bits = 4 if rank == 0 else 8
+    strategy = CompressedDDP(compressor=QSGD(bits=bits), timeout=datetime.timedelta(seconds=60))
+    return _fit_until_it_raises(world_size, strategy)
 
 
 def _fit_policy(rank, world_size):
-    from lightning_compress import CommunicationMonitor
+    from lightning_ns import CommunicationMonitor
 
-    pl.seed_everything(0, verbose=False)
     monitor = CommunicationMonitor(policy=DQPolicy(mean_bits=4.0 if rank == 0 else 3.0), summary=False)
-    trainer = pl.Trainer(**trainer_kwargs(world_size, strategy="ddp", max_steps=4, callbacks=[monitor]))
-    start = time.perf_counter()
-    try:
-        trainer.fit(ToyClassifier())
-    except ValueError as err:
-        return {"raised": str(err), "elapsed": time.perf_counter() - start}
-    return {"raised": None, "elapsed": time.perf_counter() - start}
+    return _fit_until_it_raises(world_size, "ddp", [monitor])
 
 
-def test_monitor_with_different_policy_budgets_fails_on_every_rank():
-    if "fingerprint" not in inspect.getsource(lightning_compress.callback):
-        pytest.skip("wired by callback")
-    out = run_distributed(_fit_policy, 2, timeout=180)
+@pytest.mark.parametrize(
+    "fit, message",
+    [
+        (_fit_bits, "compressor.bits is 4 on rank 0, 8 on rank 1"),
+        (_fit_policy, "policy.mean_bits is 4.0 on rank 0, 3.0 on rank 1"),
+    ],
+    ids=["strategy_bits", "monitor_policy"],
+)
+def test_trainer_with_settings_that_differ_fails_on_every_rank(fit, message):
+    out = run_distributed(fit, 2, timeout=180)
     for r in out:
-        assert r["raised"] is not None and "policy.mean_bits is 4.0 on rank 0, 3.0 on rank 1" in r["raised"]
+        assert r["raised"] is not None and message in r["raised"]
         assert r["elapsed"] < 20.0

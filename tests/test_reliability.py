@@ -181,7 +181,7 @@ def test_misconfiguration_names_the_parameter(kwargs, match):
 
 
 def test_compressed_checkpoint_into_stock_ddp_warns_through_the_monitor():
-    from lightning_compress import CommunicationMonitor
+    from lightning_ns import CommunicationMonitor
 
     trainer = pl.Trainer(accelerator="cpu", devices=1, strategy="ddp", logger=False)
     with pytest.warns(UserWarning, match="ignores"):

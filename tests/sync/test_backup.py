@@ -301,9 +301,7 @@ def _monitored(rank, world_size, log_dir):
     import glob
     import os
 
-    from lightning_ns import CSVLogger
-
-    from lightning_compress import CommunicationMonitor
+    from lightning_ns import CommunicationMonitor, CSVLogger
 
     pl.seed_everything(0, verbose=False)
     strategy = CompressedDDP(compressor=QSGD(bits=4), min_compression_size=256, sync=BackupWorkers(backups=1))
@@ -346,7 +344,7 @@ class _RecordingDQ:
 
 
 def _fit_with_policy(rank, world_size, steps, late):
-    from lightning_compress import CommunicationMonitor
+    from lightning_ns import CommunicationMonitor
 
     pl.seed_everything(0, verbose=False)
     policy = _RecordingDQ.make()

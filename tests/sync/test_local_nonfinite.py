@@ -19,12 +19,11 @@ import logging
 import time
 
 import pytest
-import pytorch_lightning as pl
 import torch
 from launch import run_distributed
+from lightning_ns import CompressedDDP, pl
 from models import ToyClassifier, flat_params, trainer_kwargs
 
-from lightning_compress import CompressedDDP
 from lightning_compress.compressors import NoCompression, TopK
 from lightning_compress.sync import LocalSGD, OverlapLocalSGD, SlowMo
 from lightning_compress.sync.averaging import (
