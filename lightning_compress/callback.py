@@ -487,4 +487,4 @@ def _human(nbytes: float) -> str:
     return f"{nbytes} B"  # unreachable
 
 
-__all__ = ["CommunicationMonitor"]
+__all__ = ["CommunicationMonitor", "CommunicationMonitorMixin"]

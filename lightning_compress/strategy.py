@@ -394,4 +394,4 @@ def register() -> None:
     CompressedDDP.register_strategies(StrategyRegistry)
 
 
-__all__ = ["CHECKPOINT_KEY", "CompressedDDP", "register"]
+__all__ = ["CHECKPOINT_KEY", "CompressedDDP", "CompressedDDPMixin", "register"]
