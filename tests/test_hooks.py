@@ -123,7 +123,7 @@ def test_plain_float_allreduce_starts_each_bucket_as_it_arrives_like_ddp():
     assert all(n == 0 for _, n in out[0]["in_flight"])
 
 
-def test_plain_float_allreduce_carries_the_nonfinite_flag_and_skips_on_every_rank():
+def test_plain_float_allreduce_finds_nonfinite_in_the_averages_and_skips_on_every_rank():
     out = run_distributed(_in_flight_per_bucket, 2, NoCompression(), "skip", 1)
     assert [r["skipped"] for r in out] == [True, True]
     for r in out:
