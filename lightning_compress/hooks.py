@@ -47,7 +47,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from lightning_compress.comm.collectives import allreduce_mean, exchange, write_flat_
+from lightning_compress.comm.collectives import allreduce_mean, exchange, nonfinite_flag, write_flat_
 from lightning_compress.comm.ledger import BitLedger, allreduce_wire_bytes
 from lightning_compress.compressors import Compressor, NoCompression, resolve_compressor
 from lightning_compress.feedback import ErrorFeedback
@@ -257,7 +257,7 @@ class CompressionState:
             for work in inflight:
                 work.wait()
             buffers = [b for b, _, _ in pending]
-            self.last_step_skipped = self.nonfinite != "ignore" and bool(_nonfinite_flag(buffers))
+            self.last_step_skipped = self.nonfinite != "ignore" and bool(nonfinite_flag(buffers))
             if self.last_step_skipped:  # the step's one host sync is the read above
                 self._on_nonfinite(None, buffers)
             self.ledger.end_step()
@@ -334,7 +334,7 @@ class CompressionState:
         extra = int(check) + int(track)
         n_small = len(small_flat)
         if check:
-            small_flat.append(_nonfinite_flag(small_flat + ([grad] if grad is not None else [])))
+            small_flat.append(nonfinite_flag(small_flat + ([grad] if grad is not None else [])))
         dense_u = None
         if momentum and n_small:
             # 1.1 Momentum on every coordinate: what travels dense (small tensors, warm-up steps)
@@ -625,21 +625,6 @@ def _check_momentum(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, Real) or not 0.0 <= float(value) < 1.0:
         raise ValueError(f"{name} must be a float in [0, 1), got {value!r}")
     return float(value)
-
-
-def _nonfinite_flag(flats: list[Tensor]) -> Tensor:
-    """1.0 if any of ``flats`` holds a NaN or Inf, else 0.0 (a 1-element float32 tensor).
-
-    ``aminmax`` propagates NaN and returns ±Inf when present: one read of the data, about 20x
-    cheaper than ``isfinite(x).all()``, which writes a mask as large as the gradient.
-    """
-    if not flats:
-        return torch.zeros(1)
-    device = flats[0].device  # empty tensors only: a zero pair on their device (NCCL-ready)
-    extremes = torch.stack(
-        [torch.stack(torch.aminmax(f)) for f in flats if f.numel()] or [torch.zeros(2, device=device)]
-    )
-    return (~torch.isfinite(extremes).all()).to(torch.float32).reshape(1)
 
 
 def compressed_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:

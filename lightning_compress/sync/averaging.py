@@ -49,7 +49,7 @@ import torch.distributed as dist
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 
-from lightning_compress.comm.collectives import allreduce_mean, write_flat_
+from lightning_compress.comm.collectives import allreduce_mean, nonfinite_flag, write_flat_
 from lightning_compress.comm.ledger import BitLedger, allreduce_wire_bytes
 from lightning_compress.sync.base import SyncSchedule
 
@@ -171,18 +171,6 @@ def _allreduce_sum(flat: Tensor, group: dist.ProcessGroup | None, ledger: BitLed
 
 
 # -- non-finite values ---------------------------------------------------------------------------
-def nonfinite_flag(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
-    """1.0 if any of ``tensors`` holds a NaN or Inf, else 0.0: a 1-element float32 tensor on ``device``.
-
-    ``aminmax`` per tensor: exact (no overflow, unlike a norm), and NaN and ±Inf show in its
-    result; nothing is read to the host.
-    """
-    extremes = [torch.stack(torch.aminmax(t.detach())).to(torch.float32) for t in tensors if t.numel()]
-    if not extremes:
-        return torch.zeros(1, device=device)
-    return (~torch.isfinite(torch.cat(extremes)).all()).to(device=device, dtype=torch.float32).reshape(1)
-
-
 def gradients_finite(params: Iterable[Tensor]) -> bool:
     """Whether every gradient of ``params`` is finite: one fused pass, one read to the host.
 

@@ -96,6 +96,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_compress._lightning import closure_result_type, namespace_of
+from lightning_compress.comm.collectives import nonfinite_flag
 from lightning_compress.sync.base import SyncSchedule
 
 if TYPE_CHECKING:
@@ -504,7 +505,8 @@ class BackupWorkers(SyncSchedule):
         sizes = (dense_flat.numel(), large_flat.numel())
         flags = _WARM if warm else 0
         self._pending = None
-        if getattr(comm, "nonfinite", "ignore") != "ignore" and not _finite(dense_flat, large_flat):
+        check = getattr(comm, "nonfinite", "ignore") != "ignore"
+        if check and bool(nonfinite_flag([dense_flat, large_flat])):
             # every rank reads this flag from the same payload: all skip (or raise) together
             return _HEADER.pack(_MAGIC, step, self._rank, flags | _NONFINITE, *sizes, len(meta), 0.0) + meta
         if large:
@@ -676,12 +678,6 @@ def _skip_closure(closure: Callable[[], Any]) -> bool:
     # what Lightning records when training_step returns None: the step has no loss and no outputs
     closure._result = closure_result(closure_loss=None)
     return True
-
-
-def _finite(*flats: Tensor) -> bool:
-    # amax/amin propagate NaN and keep Inf, without a mask as large as the gradient
-    ends = [t for f in flats if f.numel() for t in (f.amax(), f.amin())]
-    return not ends or bool(torch.isfinite(torch.stack(ends)).all())
 
 
 def _flat_grads(params: list[tuple[str, Tensor]]) -> Tensor:
