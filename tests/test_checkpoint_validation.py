@@ -124,7 +124,8 @@ def test_real_entries_hold_what_the_schema_checks(entries):
     assert {"layout", "local", "optimizer_states", "x0", "residual", "generator"} <= set(sync)
     assert {"u", "x0"} <= set(entries["slowmo"]["ranks"][0]["sync"])
     assert {"z", "v"} <= set(entries["overlap"]["ranks"][0]["sync"])
-    assert entries["backup"]["ranks"][0]["sync"]["residual"] is not None
+    # a rank holds a residual once one of its payloads was taken (which rank comes first is timing)
+    assert any(rank["sync"]["residual"] is not None for rank in entries["backup"]["ranks"])
 
 
 def _load_everything(entry, factory) -> None:
