@@ -2,13 +2,22 @@
 
     python benchmarks/codecs.py                       # 4.35M elements, 1 thread
     python benchmarks/codecs.py --numel 25000000 --threads 2 --repeats 10
+    python benchmarks/codecs.py --device cuda         # the same tensor, encoded on the GPU
 
 Every figure is the median (or, with ``--stat min``, the minimum) of ``--repeats`` timed calls
 after ``--warmup`` untimed ones, in wall time (or, with ``--clock cpu``, process CPU time, which
-leaves out the time spent descheduled when other jobs share the machine). The first call of
-CountSketch also draws its hashes; that one-off cost is printed separately. GB/s is float32
-input bytes (4 * numel) per second, for encode and decode alike; "enc/clone" and "dec/clone" are
-times relative to ``x.clone()``, about the cost of one read and one write of the tensor.
+leaves out the time spent descheduled when other jobs share the machine). On CPU the first call
+of CountSketch also builds and caches its hash tables; that one-off cost is printed separately.
+GB/s is float32 input bytes (4 * numel) per second, for encode and decode alike; "enc/clone" and
+"dec/clone" are times relative to ``x.clone()``, about the cost of one read and one write of the
+tensor.
+
+With ``--device cuda`` the tensor (drawn on CPU from the same seed, then copied) and the
+generators live on the GPU, and every timed call is bracketed by ``torch.cuda.synchronize()``, so
+the figures include the kernels, not just their launch. The header then names the GPU and its
+theoretical memory bandwidth (2 * memory clock * bus width, when torch reports them), and two
+more columns give each GB/s as a percentage of it: a lower bound on the bandwidth a codec uses,
+since it reads and writes more than its input.
 """
 
 from __future__ import annotations
@@ -25,19 +34,48 @@ import torch
 from lightning_compress.compressors import QSGD, Compressor, CountSketch, TopK
 
 
+def _no_sync() -> None:
+    pass
+
+
 def timed(
-    fn: Callable[[], object], repeats: int, warmup: int, stat: str = "median", clock: str = "wall"
+    fn: Callable[[], object],
+    repeats: int,
+    warmup: int,
+    stat: str = "median",
+    clock: str = "wall",
+    sync: Callable[[], None] = _no_sync,
 ) -> float:
-    """Time of ``fn`` in seconds: the median or the minimum over ``repeats`` calls."""
+    """Time of ``fn`` in seconds: the median or the minimum over ``repeats`` calls.
+
+    ``sync`` runs before the clock starts and before it stops (``torch.cuda.synchronize`` on a GPU,
+    where ``fn`` only queues kernels), so each figure covers the work itself.
+    """
     now = time.perf_counter if clock == "wall" else time.process_time
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        sync()
         start = now()
         fn()
+        sync()
         times.append(now() - start)
     return statistics.median(times) if stat == "median" else min(times)
+
+
+def peak_bandwidth(device: torch.device) -> float | None:
+    """Theoretical memory bandwidth of a CUDA device in bytes/s, or ``None`` if torch does not say.
+
+    ``memory_clock_rate`` is in kHz and the memory transfers twice per clock (DDR and HBM alike):
+    2 * clock * bus width / 8 bytes per second, the figure NVIDIA's data sheets quote.
+    """
+    props = torch.cuda.get_device_properties(device)
+    clock_khz = getattr(props, "memory_clock_rate", 0)
+    bus_bits = getattr(props, "memory_bus_width", 0)
+    if not clock_khz or not bus_bits:
+        return None
+    return 2.0 * clock_khz * 1e3 * bus_bits / 8
 
 
 def naive_qsgd4(x: torch.Tensor, bucket_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,18 +116,38 @@ def main() -> None:
         help="wall time, or process CPU time (leaves out time spent descheduled on a busy machine)",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--device", default="cpu", help="where to encode and decode: cpu (default), cuda or cuda:N"
+    )
     args = parser.parse_args()
+    device = torch.device(args.device)
+    on_cuda = device.type == "cuda"
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
+    if on_cuda and not torch.cuda.is_available():
+        parser.error(f"--device {args.device} asked for, but torch.cuda.is_available() is False")
+    if on_cuda and args.clock == "cpu":
+        parser.error(
+            "--clock cpu counts host CPU time only, not GPU work; use --clock wall with --device cuda"
+        )
+    sync = (lambda: torch.cuda.synchronize(device)) if on_cuda else _no_sync
 
     def measure(fn: Callable[[], object], warmup: int = args.warmup) -> float:
-        return timed(fn, args.repeats, warmup, args.stat, args.clock)
+        return timed(fn, args.repeats, warmup, args.stat, args.clock, sync)
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     n = args.numel
-    x = torch.randn(n)
+    x = torch.randn(n).to(device)
     dense_bytes = 4 * n
+    peak = peak_bandwidth(device) if on_cuda else None
+    where = platform.machine()
+    if on_cuda:
+        where += f", {device} = {torch.cuda.get_device_name(device)}"
+        if peak is not None:
+            where += f" ({peak / 1e9:,.0f} GB/s theoretical memory bandwidth)"
     print(
-        f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} thread(s), "
+        f"torch {torch.__version__}, {where}, {torch.get_num_threads()} thread(s), "
         f"numel={n:,} ({dense_bytes / 1e6:.1f} MB float32), {args.stat} {args.clock} time of {args.repeats}"
     )
 
@@ -110,7 +168,7 @@ def main() -> None:
         ("torch.topk(|x|, 1%) (baseline)", measure(lambda: torch.topk(x.abs(), k), warmup=1), None, None)
     )
 
-    generator = torch.Generator().manual_seed(args.seed)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
     codecs: list[tuple[str, Compressor]] = [
         ("QSGD 2-bit", QSGD(bits=2)),
         ("QSGD 4-bit", QSGD(bits=4)),
@@ -120,10 +178,17 @@ def main() -> None:
     ]
     for label, codec in codecs:
         if isinstance(codec, CountSketch):
+            sync()
             start = time.perf_counter()
             codec.compress(x)
+            sync()
             first_ms = 1e3 * (time.perf_counter() - start)
-            print(f"{label}: first call (draws and caches the hashes) {first_ms:.0f} ms")
+            what = (
+                "computes the hashes, which only CPU caches"
+                if on_cuda
+                else "builds and caches the hash tables"
+            )
+            print(f"{label}: first call ({what}) {first_ms:.0f} ms")
         payload = codec.compress(x, generator=generator)
         assert payload.nbytes == codec.payload_nbytes(n)
         encode_s = measure(lambda c=codec: c.compress(x, generator=generator))
@@ -134,6 +199,8 @@ def main() -> None:
         f"{'codec':32s} {'enc ms':>8s} {'dec ms':>8s} {'enc GB/s':>9s} {'dec GB/s':>9s} "
         f"{'enc/clone':>9s} {'dec/clone':>9s} {'payload B':>11s} {'vs fp32':>8s}"
     )
+    if peak is not None:
+        header += f" {'enc %peak':>9s} {'dec %peak':>9s}"
     print(header)
     print("-" * len(header))
     for label, enc, dec, nbytes in rows:
@@ -145,6 +212,9 @@ def main() -> None:
         cells.append(f"{dec / clone_s:9.1f}" if dec is not None else f"{'':9s}")
         cells.append(f"{nbytes:11,d}" if nbytes is not None else f"{'':11s}")
         cells.append(f"{dense_bytes / nbytes:7.1f}x" if nbytes else f"{'':8s}")
+        if peak is not None:  # achieved GB/s as a share of the theoretical memory bandwidth
+            cells.append(f"{100 * dense_bytes / enc / peak:8.1f}%")
+            cells.append(f"{100 * dense_bytes / dec / peak:8.1f}%" if dec is not None else f"{'':9s}")
         print(" ".join(cells))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from numbers import Integral
 from typing import Any
 
@@ -16,8 +17,15 @@ from lightning_compress.compressors.topk import _check_k, _check_ratio, resolve_
 
 __all__ = ["CountSketch"]
 
-#: Hash tables kept per codec: each costs ``4 * rows`` bytes per coordinate.
+#: The Mersenne prime of the hash family. Coordinates must lie in ``[0, p)``, and with ``a < p`` and
+#: ``i < p`` every ``a * i + b`` stays below ``2**62 + 2**31``: exact in int64 on every device.
+_PRIME = 2**31 - 1
+#: Largest tensor a sketch hashes: coordinate ``p`` would hash like coordinate 0.
+_MAX_NUMEL = _PRIME
+#: CPU hash tables kept per codec: each costs ``4 * rows`` bytes of host memory per coordinate.
 _HASHES_CACHED = 4
+#: Coordinates hashed at a time off the CPU: bounds the scratch to ``20 * _CHUNK`` bytes (160 MiB).
+_CHUNK = 1 << 23
 
 
 def _check_positive(name: str, value: Any) -> int:
@@ -26,10 +34,53 @@ def _check_positive(name: str, value: Any) -> int:
     return int(value)
 
 
-def _row_seed(seed: int, numel: int, row: int) -> int:
-    """A 63-bit generator seed from (seed, numel, row), identical on every machine and process."""
-    digest = hashlib.blake2b(f"{seed}:{numel}:{row}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
+def _check_numel(numel: int) -> None:
+    if numel > _MAX_NUMEL:
+        raise ValueError(
+            f"CountSketch hashes at most 2**31 - 1 = {_MAX_NUMEL} coordinates per tensor (the hash "
+            f"works modulo the prime 2**31 - 1), got numel={numel}; sketch the tensor in smaller pieces"
+        )
+
+
+def _hash_rows(
+    index: Tensor, constants: list[tuple[int, int]], cols: int, wide: Tensor, out: Tensor
+) -> Iterator[Tensor]:
+    """Each row's hashes of ``index`` in turn, all written into ``out``: one row is valid at a time."""
+    for a, b in constants:
+        yield _hash_into(index, a, b, cols, wide, out)
+
+
+def _caches_hashes(device: torch.device) -> bool:
+    """Whether hash tables are cached on ``device`` (CPU only: integer division is slow there)."""
+    return device.type == "cpu"
+
+
+def _row_constants(seed: int, numel: int, row: int) -> tuple[int, int]:
+    """``(a, b)`` with ``a`` in ``[1, p)`` and ``b`` in ``[0, p)``, fixed by (seed, numel, row).
+
+    BLAKE2b of the three numbers, so every rank, process and Python version derives the same
+    constants (``random.Random`` promises a stable stream for ``random()`` only). Reducing 64
+    random bits modulo ``p`` leaves a bias below ``2**-32``.
+    """
+    digest = hashlib.blake2b(f"{seed}:{numel}:{row}".encode(), digest_size=16).digest()
+    a = 1 + int.from_bytes(digest[:8], "little") % (_PRIME - 1)
+    b = int.from_bytes(digest[8:], "little") % _PRIME
+    return a, b
+
+
+def _hash_into(index: Tensor, a: int, b: int, cols: int, wide: Tensor, out: Tensor) -> Tensor:
+    """``((a * i + b) mod p) mod (2 * cols)`` of every int64 coordinate ``i`` of ``index``, into ``out``.
+
+    The Carter-Wegman family: for ``i != j`` below ``p`` and ``(a, b)`` uniform, ``g(i)`` and
+    ``g(j)`` collide with probability at most ``1 / (2 * cols)``. That pairwise independence is what
+    the count sketch's guarantees rest on (Charikar et al.). ``wide`` is int64 scratch and ``out``
+    int32, both shaped like ``index``; integer arithmetic is exact, so every device gives the same
+    values.
+    """
+    torch.mul(index, a, out=wide)
+    wide.add_(b).remainder_(_PRIME).remainder_(2 * cols)
+    # int32 halves the bytes that index_add_ and index_select read (and the CPU cache holds)
+    return out.copy_(wide)
 
 
 def _median_(rows: list[Tensor]) -> Tensor:
@@ -82,9 +133,23 @@ class CountSketch(Compressor):
     :meth:`estimate`, :meth:`candidates` and :meth:`k_for` are the pieces that exchange uses.
     Used alone, :meth:`decompress` returns the top ``k`` estimates (one round, less accurate).
 
-    Hashes come from ``torch.Generator`` streams seeded with (``seed``, numel, row), generated
-    on CPU and then moved, so every rank, whatever its device, holds the same hashes. They are
-    cached per (numel, device, cols), ``4 * rows`` bytes per coordinate, for the last few sizes.
+    Hashes are computed from the coordinate index, not drawn and stored. Row ``j`` folds bucket and
+    sign into one value ``g_j(i) = ((a_j * i + b_j) mod p) mod (2 * cols)`` with ``p = 2**31 - 1``,
+    Carter and Wegman's 2-universal family: ``h_j(i) = g_j(i) mod cols``, and ``s_j(i) = -1``
+    exactly when ``g_j(i) >= cols``. Two distinct coordinates get the same ``g_j`` with
+    probability at most ``1 / (2 * cols)`` over the constants; pairwise independence is all that
+    the count sketch's error bounds need (Charikar et al.; Sketched SGD, arXiv 1903.04488, uses
+    their sketch unchanged). The constants ``a_j`` in ``[1, p)`` and ``b_j`` in ``[0, p)`` come
+    from a BLAKE2b digest of (``seed``, numel, row), and the arithmetic is exact int64
+    (``a_j * i + b_j < 2**63``), so every rank, whatever its device, computes the same hashes.
+    Tensors are limited to ``2**31 - 1`` elements.
+
+    Memory: on CPU, where the integer division costs about 30 ms per row per 4M coordinates, the
+    int32 tables of the last four (numel, cols) pairs are cached in host memory, ``4 * rows``
+    bytes per coordinate each. On any other device nothing of the tensor's size is kept: every
+    :meth:`sketch` and :meth:`estimate` recomputes the hashes, ``2**23`` coordinates at a time
+    (a few passes at memory bandwidth), in 20 bytes of scratch per coordinate of a chunk, at
+    most 160 MiB, freed on return.
 
     Args:
         rows: independent hash rows. More rows make the median more robust to collisions and
@@ -97,10 +162,11 @@ class CountSketch(Compressor):
             large tensor a narrow table lets many small coordinates collide with them in most
             rows. Measured here (rows=5, second round on the candidates): 10 planted heavy
             coordinates among 10**5 were all among the 40 candidates for cols >= 256 (35% at
-            64); on 10**6 Student-t (3 d.o.f.) coordinates with ``k = 1%``, cols = k, 2k, 4k,
-            8k kept 46, 60, 76, 91% of the true top-k's squared mass. Set it explicitly when a
-            policy changes ``k`` every step: each new width draws new hashes (about 3 ms per row
-            per million coordinates on the CPU of docs/codecs.md).
+            64, over 20 draws); on 10**6 Student-t (3 d.o.f.) coordinates with ``k = 1%``,
+            cols = k, 2k, 4k, 8k kept 48, 62, 78, 92% of the true top-k's squared mass. Set it
+            explicitly when a policy changes ``k`` every step: on CPU each new width builds new
+            hash tables (about 7 ms per row per million coordinates, single-threaded, on a 2-core
+            x86_64 machine).
         k: coordinates applied per step; overrides ``ratio`` when given. Mutable; setting it
             clears ``ratio``.
         ratio: fraction of coordinates applied, ``k = max(1, ceil(ratio * numel))`` (default 0.01).
@@ -133,11 +199,13 @@ class CountSketch(Compressor):
         if isinstance(seed, bool) or not isinstance(seed, Integral):
             raise ValueError(f"seed must be an integer, got {seed!r}")
         self._seed = int(seed)
-        self._hashes: OrderedDict[tuple[int, torch.device, int], list[Tensor]] = OrderedDict()
+        # CPU hash tables by (numel, cols); other devices compute their hashes on every call
+        self._hashes: OrderedDict[tuple[int, int], list[Tensor]] = OrderedDict()
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:
-        # The hash cache is large and rebuilt on demand: never pickle it (spawn, checkpoints).
+        # The CPU hash cache is large and rebuilt on demand from the seed: never pickle it (spawn,
+        # checkpoints). The hashes depend on (seed, numel, row) only, so a clone hashes identically.
         state = self.__dict__.copy()
         del state["_hashes"], state["_lock"]
         return state
@@ -212,17 +280,22 @@ class CountSketch(Compressor):
     def layout(self, numel: int) -> list[Field]:
         return [Field("table", torch.float32, self._rows * self.cols_for(numel))]
 
-    def _row_hashes(self, numel: int, device: torch.device, cols: int) -> list[Tensor]:
-        """Per row, ``h_j(i) + cols * [s_j(i) = -1]``: bucket and sign in one int32 in [0, 2*cols)."""
-        key = (numel, torch.device(device), cols)
+    def _constants(self, numel: int) -> list[tuple[int, int]]:
+        """``(a_j, b_j)`` of every row for a tensor of ``numel`` elements."""
+        return [_row_constants(self._seed, numel, row) for row in range(self._rows)]
+
+    def _cpu_hashes(self, numel: int, cols: int) -> list[Tensor]:
+        """Per row, the int32 table of ``g_j`` over ``[0, numel)`` on CPU, cached for the last few sizes."""
+        key = (numel, cols)
         with self._lock:
             hashes = self._hashes.get(key)
             if hashes is None:
-                hashes = []
-                for row in range(self._rows):
-                    generator = torch.Generator().manual_seed(_row_seed(self._seed, numel, row))
-                    h = torch.randint(0, 2 * cols, (numel,), dtype=torch.int32, generator=generator)
-                    hashes.append(h.to(device))
+                index = torch.arange(numel, dtype=torch.int64)
+                wide = torch.empty_like(index)
+                hashes = [
+                    _hash_into(index, a, b, cols, wide, torch.empty(numel, dtype=torch.int32))
+                    for a, b in self._constants(numel)
+                ]
                 self._hashes[key] = hashes
                 while len(self._hashes) > _HASHES_CACHED:
                     self._hashes.popitem(last=False)
@@ -230,19 +303,65 @@ class CountSketch(Compressor):
                 self._hashes.move_to_end(key)
             return hashes
 
+    def _hash_chunks(
+        self, numel: int, device: torch.device, cols: int
+    ) -> Iterator[tuple[slice, Iterator[Tensor]]]:
+        """Spans of coordinates, each with an iterator over the rows' int32 hashes ``g_j`` on that span.
+
+        On CPU one span covers the tensor and the rows come from the cache. Elsewhere the spans
+        are ``_CHUNK`` coordinates long and every row's hash is computed into the same buffer when
+        it is drawn: use it before drawing the next row.
+        """
+        _check_numel(numel)
+        if _caches_hashes(device):
+            yield slice(0, numel), iter(self._cpu_hashes(numel, cols))
+            return
+        constants = self._constants(numel)
+        size = min(numel, _CHUNK)
+        wide = torch.empty(size, dtype=torch.int64, device=device)
+        out = torch.empty(size, dtype=torch.int32, device=device)
+        for start in range(0, numel, _CHUNK):
+            stop = min(numel, start + _CHUNK)
+            index = torch.arange(start, stop, dtype=torch.int64, device=device)
+            n = stop - start
+            yield slice(start, stop), _hash_rows(index, constants, cols, wide[:n], out[:n])
+
+    def _row_hashes(self, numel: int, device: torch.device | str, cols: int) -> list[Tensor]:
+        """Per row, the int32 hashes ``g_j`` of every coordinate, in ``[0, 2 * cols)`` (for tests and tools).
+
+        On CPU these are the cached tables; elsewhere they are computed for this call only.
+        """
+        device = torch.device(device)
+        if _caches_hashes(device):
+            _check_numel(numel)
+            return list(self._cpu_hashes(numel, cols))
+        parts: list[list[Tensor]] = [[] for _ in range(self._rows)]
+        for _, hashes in self._hash_chunks(numel, device, cols):
+            for row, h in enumerate(hashes):
+                parts[row].append(h.clone())
+        return [torch.cat(p) if p else torch.empty(0, dtype=torch.int32, device=device) for p in parts]
+
     def sketch(self, x_flat: Tensor) -> Tensor:
-        """The ``(rows, cols)`` float32 count sketch of a 1-D tensor; linear in ``x_flat``."""
+        """The ``(rows, cols)`` float32 count sketch of a 1-D tensor; linear in ``x_flat``.
+
+        Raises:
+            ValueError: if ``x_flat`` is not 1-D or has ``2**31`` elements or more.
+
+        """
         check_float_input(x_flat, "x_flat")
         if x_flat.dim() != 1:
             raise ValueError(f"x_flat must be 1-D, got shape {tuple(x_flat.shape)}")
+        numel = x_flat.numel()
+        _check_numel(numel)
         flat = x_flat.detach().to(torch.float32)
-        numel = flat.numel()
         cols = self.cols_for(numel)
         # Signs folded into the index: column h + cols collects the negated entries, and one
         # subtraction at the end replaces a per-row multiply of the whole tensor by its signs.
         table = torch.zeros(self._rows, 2 * cols, dtype=torch.float32, device=flat.device)
-        for row, h in enumerate(self._row_hashes(numel, flat.device, cols)):
-            table[row].index_add_(0, h, flat)
+        for span, hashes in self._hash_chunks(numel, flat.device, cols):
+            values = flat[span]
+            for row, h in enumerate(hashes):
+                table[row].index_add_(0, h, values)
         return table[:, :cols] - table[:, cols:]
 
     def estimate(self, table: Tensor, numel: int) -> Tensor:
@@ -251,17 +370,26 @@ class CountSketch(Compressor):
         Args:
             table: a sketch (or a sum of sketches) as returned by :meth:`sketch`, shape
                 ``(rows, cols)``, or flat as in a payload.
-            numel: size of the sketched tensor (it selects the hashes).
+            numel: size of the sketched tensor (it selects the hashes); below ``2**31``.
 
         Returns:
             1-D float32 tensor of ``numel`` estimates on ``table``'s device.
 
         """
+        _check_numel(numel)
         table = table.reshape(self._rows, -1).to(torch.float32)
         cols = table.shape[1]
-        hashes = self._row_hashes(numel, table.device, cols)
+        # column g of [table, -table] is s(i) * table[h(i)] for g = h(i) + cols * [s(i) = -1]
         signed = torch.cat([table, -table], dim=1)
-        return _median_([signed[row].index_select(0, h) for row, h in enumerate(hashes)])
+        out: Tensor | None = None
+        for span, hashes in self._hash_chunks(numel, table.device, cols):
+            median = _median_([signed[row].index_select(0, h) for row, h in enumerate(hashes)])
+            if span.stop - span.start == numel:
+                return median
+            if out is None:
+                out = torch.empty(numel, dtype=torch.float32, device=table.device)
+            out[span] = median
+        return out if out is not None else torch.empty(0, dtype=torch.float32, device=table.device)
 
     def candidates(self, table: Tensor, numel: int) -> Tensor:
         """Sorted int64 indices of the top ``candidates * k`` coordinates (capped at numel) by |estimate|."""

@@ -375,12 +375,29 @@ class TopK(Compressor):
         return out_flat.index_add_(0, indices, payload.data["values"].to(torch.float32), alpha=alpha)
 
     def from_bytes(self, buf: Tensor, shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> Payload:
+        """Rebuild a received payload and check that its indices lie in ``[0, numel)``.
+
+        Raises:
+            ValueError: on CPU (and devices other than CUDA), when an index is out of range. On
+                CUDA the same check is a device-side assert (see the comment below).
+
+        """
         payload = super().from_bytes(buf, shape, dtype)
         numel = payload.numel
-        # Received bytes index into the output: an index out of range would be an out-of-bounds
-        # write on CUDA (a device-side assert), so refuse it here with a clear error. One small
-        # reduction over K indices, and one host sync per received payload.
+        # Received bytes index into the output, and an index out of range would be an out-of-bounds
+        # write in scatter_add_into. Checking costs one small reduction over K indices.
         indices = payload.data["indices"]
-        if indices.numel() and bool((indices.min() < 0) | (indices.max() >= numel)):
-            raise ValueError(f"received Top-K payload has indices outside [0, {numel}): corrupted bytes?")
+        if not indices.numel():
+            return payload
+        out_of_range = (indices.min() < 0) | (indices.max() >= numel)
+        message = f"received Top-K payload has indices outside [0, {numel}): corrupted bytes?"
+        if indices.device.type == "cuda":
+            # bool() here would stall the host until the GPU catches up, once per received payload
+            # (W - 1 per step). A device-side assert checks the same flag in stream order with no
+            # sync; it fails the CUDA context (as the bad write could have, but with this message)
+            # and surfaces at the next synchronizing call. torch._assert_async exists for CPU and
+            # CUDA only, so other accelerators keep the synchronous check below.
+            torch._assert_async(out_of_range.logical_not(), message)
+        elif bool(out_of_range):  # free on CPU: refuse with a clear, catchable error
+            raise ValueError(message)
         return payload

@@ -1,3 +1,4 @@
+import math
 import pickle
 
 import pytest
@@ -6,7 +7,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lightning_compress.compressors import CountSketch
-from lightning_compress.compressors.sketch import _median_
+from lightning_compress.compressors import sketch as sketch_module
+from lightning_compress.compressors.sketch import _check_numel, _hash_into, _median_, _row_constants
+
+P = 2**31 - 1
+
+
+def reference_hash(seed: int, numel: int, row: int, cols: int, i: int) -> int:
+    """``g_row(i) = ((a * i + b) mod p) mod (2 * cols)`` in Python integers (no overflow possible)."""
+    a, b = _row_constants(seed, numel, row)
+    return ((a * i + b) % P) % (2 * cols)
 
 
 def planted(numel: int = 100_000, heavy: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,6 +113,125 @@ def test_signs_are_balanced():
     assert ((negative - 0.5).abs() < 0.01).all()
 
 
+def test_hashes_follow_the_carter_wegman_formula():
+    numel, cols, seed = 50_000, 123, 9
+    codec = CountSketch(rows=3, cols=cols, seed=seed)
+    hashes = codec._row_hashes(numel, "cpu", cols)
+    positions = [0, 1, 2, 17, 4096, numel // 2, numel - 2, numel - 1]
+    for row, h in enumerate(hashes):
+        a, b = _row_constants(seed, numel, row)
+        assert 1 <= a < P and 0 <= b < P
+        assert h.dtype == torch.int32 and h.shape == (numel,)
+        assert [int(h[i]) for i in positions] == [
+            reference_hash(seed, numel, row, cols, i) for i in positions
+        ]
+    # Exact int64 arithmetic at the top of the range, where a * i nears 2**62.
+    index = torch.tensor([0, 1, 2**30, P - 2, P - 1], dtype=torch.int64)
+    for a, b in [(P - 1, P - 1), (1, 0), (2**30 + 12345, 777)]:
+        got = _hash_into(index, a, b, 1000, torch.empty_like(index), torch.empty(5, dtype=torch.int32))
+        assert got.tolist() == [((a * i + b) % P) % 2000 for i in index.tolist()]
+
+
+def test_hashes_are_deterministic_and_independent_of_the_instance():
+    numel, cols = 20_000, 200
+    codec = CountSketch(rows=4, seed=5)
+    first = [h.clone() for h in codec._row_hashes(numel, "cpu", cols)]
+    codec._hashes.clear()  # rebuilt, not just returned from the cache
+    again = codec._row_hashes(numel, "cpu", cols)
+    clone = pickle.loads(pickle.dumps(codec))
+    assert len(clone._hashes) == 0
+    for hashes in (
+        again,
+        clone._row_hashes(numel, "cpu", cols),
+        CountSketch(rows=4, seed=5)._row_hashes(numel, "cpu", cols),
+    ):
+        assert all(torch.equal(p, q) for p, q in zip(first, hashes, strict=True))
+    # Rows, seeds and sizes each give other hashes.
+    assert all(not torch.equal(first[r], first[s]) for r in range(4) for s in range(r))
+    other_seed = CountSketch(rows=4, seed=6)._row_hashes(numel, "cpu", cols)
+    assert all(not torch.equal(p, q) for p, q in zip(first, other_seed, strict=True))
+    assert not torch.equal(codec._row_hashes(numel + 1, "cpu", cols)[0][:numel], first[0])
+
+
+def test_buckets_are_roughly_uniform():
+    numel, cols = 200_000, 300
+    for h in CountSketch(rows=5, seed=1)._row_hashes(numel, "cpu", cols):
+        for values, bins in ((h, 2 * cols), (h % cols, cols)):  # bucket and sign together; bucket alone
+            counts = torch.bincount(values.long(), minlength=bins).double()
+            expected = numel / bins
+            chi2 = float(((counts - expected) ** 2 / expected).sum())
+            # chi-square with bins - 1 degrees of freedom: mean bins - 1, sd sqrt(2 * (bins - 1))
+            assert chi2 < bins - 1 + 6 * math.sqrt(2 * (bins - 1))
+
+
+def test_random_pairs_collide_at_the_pairwise_rate():
+    numel, cols, pairs = 1_000_000, 300, 200_000
+    generator = torch.Generator().manual_seed(0)
+    i = torch.randint(numel, (pairs,), generator=generator)
+    j = (i + torch.randint(1, numel, (pairs,), generator=generator)) % numel  # j != i
+    for h in CountSketch(rows=5, seed=2)._row_hashes(numel, "cpu", cols):
+        for same, rate in (((h[i] == h[j]), 1 / (2 * cols)), ((h[i] % cols == h[j] % cols), 1 / cols)):
+            expected = pairs * rate
+            assert abs(int(same.sum()) - expected) < 5 * math.sqrt(expected)
+
+
+@pytest.mark.parametrize("pair", [(0, 1), (7, 7 + 16), (7, 7 + 8), (3, 999_999), (123_456, 654_321)])
+def test_a_fixed_pair_collides_at_most_at_the_pairwise_rate_over_seeds(pair):
+    # What count sketch needs (Charikar et al.): for any two coordinates, over the choice of the
+    # constants, P[g(i) = g(j)] <= 1 / (2 * cols). Pairs at a distance of cols or 2 * cols would
+    # always collide under a hash like i mod (2 * cols).
+    numel, cols, seeds = 1_000_000, 8, 4000
+    i, j = pair
+    same = sum(
+        reference_hash(s, numel, 0, cols, i) == reference_hash(s, numel, 0, cols, j) for s in range(seeds)
+    )
+    bucket = sum(
+        reference_hash(s, numel, 1, cols, i) % cols == reference_hash(s, numel, 1, cols, j) % cols
+        for s in range(seeds)
+    )
+    for count, rate in ((same, 1 / (2 * cols)), (bucket, 1 / cols)):
+        expected = seeds * rate
+        assert abs(count - expected) < 5 * math.sqrt(expected * (1 - rate))
+
+
+def test_numel_limit():
+    _check_numel(2**31 - 1)  # the largest tensor that hashes: coordinates 0 .. p - 1
+    codec = CountSketch(rows=2, cols=4)
+    with pytest.raises(ValueError, match=r"at most 2\*\*31 - 1 .* got numel=2147483648"):
+        codec.estimate(torch.zeros(2, 4), 2**31)
+    with pytest.raises(ValueError, match=r"2\*\*31 - 1"):
+        codec._row_hashes(2**31, "cpu", 4)
+
+
+def test_cpu_cache_is_bounded():
+    codec = CountSketch(rows=2, cols=16)
+    for numel in range(100, 107):
+        codec.sketch(torch.randn(numel))
+    assert len(codec._hashes) == sketch_module._HASHES_CACHED == 4
+    assert list(codec._hashes) == [(numel, 16) for numel in range(103, 107)]
+
+
+def test_computed_hashes_match_the_cached_tables(monkeypatch):
+    # Off the CPU the hashes are computed per call in chunks; run that path on CPU, with chunks
+    # small enough that a tensor spans several, and check it against the cached tables.
+    numel, cols = 10_007, 64
+    x, _ = planted(numel, heavy=5)
+    cached = CountSketch(rows=5, cols=cols, k=5, seed=3)
+    tables, table = cached._row_hashes(numel, "cpu", cols), cached.sketch(x)
+    estimates = cached.estimate(table, numel)
+    monkeypatch.setattr(sketch_module, "_CHUNK", 1000)
+    monkeypatch.setattr(sketch_module, "_caches_hashes", lambda device: False)
+    computed = CountSketch(rows=5, cols=cols, k=5, seed=3)
+    assert all(
+        torch.equal(p, q) for p, q in zip(tables, computed._row_hashes(numel, "cpu", cols), strict=True)
+    )
+    assert torch.allclose(computed.sketch(x), table, atol=1e-5)
+    assert torch.equal(computed.estimate(table, numel), estimates)
+    assert torch.equal(computed.decompress(computed.compress(x)), cached.decompress(cached.compress(x)))
+    assert len(computed._hashes) == 0  # nothing kept
+    assert computed.sketch(torch.zeros(0)).shape == (5, cols) and computed.estimate(table, 0).numel() == 0
+
+
 def test_candidates_are_capped_and_sorted():
     codec = CountSketch(k=30, candidates=5)
     x = torch.randn(100)
@@ -166,9 +295,10 @@ def test_bad_arguments():
 
 
 def test_pickle_drops_the_hash_cache():
-    codec = CountSketch(k=3)
+    codec = CountSketch(k=3, seed=11)
     codec.sketch(torch.randn(1000))
     clone = pickle.loads(pickle.dumps(codec))
     assert len(clone._hashes) == 0 and clone.meta() == codec.meta()
     x = torch.randn(1000)
     assert torch.equal(clone.sketch(x), codec.sketch(x))
+    assert torch.equal(clone.estimate(codec.sketch(x), 1000), codec.estimate(codec.sketch(x), 1000))

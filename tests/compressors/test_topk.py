@@ -237,3 +237,21 @@ def test_per_layer_bad_arguments():
     with pytest.raises(ValueError, match="segments"):
         TopK(per_layer=True).segments = (10, -1)
     assert TopK(per_layer=True).meta()["per_layer"] is True
+
+
+@pytest.mark.parametrize("numel", [300, 40_000])  # int16 and int32 indices
+@pytest.mark.parametrize("bad", [-1, "numel", "max"])
+def test_from_bytes_refuses_out_of_range_indices_on_cpu(numel, bad):
+    codec = TopK(k=5)
+    x = torch.randn(numel)
+    payload = codec.compress(x)
+    indices = payload.data["indices"].clone()
+    dtype_max = torch.iinfo(indices.dtype).max
+    indices[2] = {"numel": numel, "max": dtype_max}.get(bad, bad)
+    payload.data["indices"] = indices
+    with pytest.raises(ValueError, match=rf"indices outside \[0, {numel}\)"):
+        codec.from_bytes(payload.to_bytes(), x.shape, x.dtype)
+    # the intact payload still goes through
+    intact = codec.compress(x)
+    received = codec.from_bytes(intact.to_bytes(), x.shape, x.dtype)
+    assert torch.equal(received.data["indices"], intact.data["indices"])
