@@ -191,12 +191,6 @@ _RNG = _Leaf(
     "a 1-D uint8 tensor (a torch.Generator state)",
     lambda v: isinstance(v, Tensor) and v.dtype == torch.uint8 and v.dim() == 1 and v.numel() > 0,
 )
-# CompressionState saves its generator only when it lives on the CPU
-_CPU_RNG_BYTES = torch.Generator().get_state().numel()
-_CPU_RNG = _Leaf(
-    f"a uint8 tensor of shape ({_CPU_RNG_BYTES},) (a CPU torch.Generator state)",
-    lambda v: _RNG.ok(v) and v.numel() == _CPU_RNG_BYTES,
-)
 _LAYOUT_ITEM = _Leaf(
     "a [name, numel] pair",
     lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and isinstance(v[0], str) and _COUNT.ok(v[1]),
@@ -277,7 +271,7 @@ _COMM = _Record(
         "residuals": (REQUIRED, _MEMORIES),
         "momentum": (OPTIONAL, _MEMORIES),
         "compressor": (OPTIONAL, _MapOf(_NAME, _ANY)),  # written for the record, not read back
-        "generator": (OPTIONAL, _CPU_RNG),
+        "generator": (OPTIONAL, _RNG),  # a CPU (5056 bytes) or CUDA (16 bytes) generator's
     }
 )
 

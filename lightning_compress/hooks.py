@@ -49,6 +49,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lightning_compress.comm.collectives import allreduce_mean, exchange, nonfinite_flag, write_flat_
 from lightning_compress.comm.ledger import BitLedger, allreduce_wire_bytes
+from lightning_compress.comm.rng import seeded_generator
 from lightning_compress.compressors import Compressor, NoCompression, resolve_compressor
 from lightning_compress.feedback import ErrorFeedback
 
@@ -164,6 +165,11 @@ class CompressionState:
         #: :class:`~lightning_compress.CommunicationMonitor`: decided on every rank at every
         #: compressed exchange, from this step's reduced norm, before the codec runs.
         self.policy: Any = None
+        #: the ``torch.amp.GradScaler`` whose loss scale the gradients carry (float16 mixed
+        #: precision; set by :class:`~lightning_compress.CompressedDDP`, or by a user of the bare
+        #: hook). The exchange then runs in unscaled units, and a skipped step hands the scaler
+        #: Inf gradients, so that it skips the optimizer step and backs off its scale.
+        self.scaler: Any = None
         #: set by a sync schedule: False skips the exchange (local steps) and leaves gradients local.
         self.communicate = True
         #: whether the last step's exchange sent gradients through the codec (not warm-up or local)
@@ -201,19 +207,19 @@ class CompressionState:
 
     def _rng(self, device: torch.device) -> torch.Generator:
         if self._generator is None or self._generator.device != device:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(self.seed + dist.get_rank(self.process_group))
-            if self._stash is not None and "generator" in self._stash and device.type == "cpu":
-                gen.set_state(self._stash.pop("generator"))
-            self._generator = gen
+            saved = self._stash.pop("generator", None) if self._stash is not None else None
+            self._generator = seeded_generator(device, self.seed + dist.get_rank(self.process_group), saved)
         return self._generator
 
     # -- the exchange ------------------------------------------------------------------------
     def park(self, bucket: dist.GradBucket) -> torch.futures.Future:
-        fut: torch.futures.Future = torch.futures.Future()
+        buffer = bucket.buffer()
+        # a future that will hold a CUDA tensor names its device: it then records the current
+        # stream when completed, and DDP's wait orders its stream after that (not a host sync)
+        fut: torch.futures.Future = torch.futures.Future(devices=[buffer.device] if buffer.is_cuda else None)
         if self.plain_allreduce and self.communicate:
             return self._allreduce_now(bucket, fut)
-        self._pending.append((bucket.buffer(), list(bucket.parameters()), fut))
+        self._pending.append((buffer, list(bucket.parameters()), fut))
         if bucket.is_last():
             self.flush()
         return fut
@@ -323,34 +329,44 @@ class CompressionState:
         # 1. The dense allreduce of the small tensors carries up to two extra elements: how many
         #    ranks hold non-finite gradients (every rank then knows it, so all skip or raise
         #    together and no rank is left alone in the compressed exchange below), and this
-        #    rank's squared pre-compression norm of the large part (its mean over ranks is what a
-        #    policy decides this step's setting from, identically on every rank).
+        #    rank's squared pre-compression norm of the large part, with a policy only (its mean
+        #    over ranks is what the policy decides this step's setting from, on every rank alike).
         check = self.nonfinite != "ignore"
-        small_flat = [t.reshape(-1).to(torch.float32) for t in small_views]
+        device = (small_views + large_views)[0].device if small or large else None
+        dense = torch.cat([t.reshape(-1).to(torch.float32) for t in small_views]) if small else None
         grad = torch.cat([t.reshape(-1).to(torch.float32) for t in large_views]) if large else None
-        # the norm rides with the non-finite flag, or is sent for a policy; with nonfinite="ignore"
-        # and no policy nothing extra is sent (the monitor's metering of stock DDP stays exact)
-        track = grad is not None and (self.policy is not None or check)
+        # 1.0 Under a GradScaler (float16 mixed precision) the gradients carry the loss scale S:
+        #     the exchange divides it out (exact: S is a power of 2) and multiplies the averages
+        #     by it again, so memories, the policy's norm and float16 payloads are in true units
+        #     whatever S does from step to step.
+        scale = self.loss_scale(device)
+        for part in (dense, grad):
+            if scale is not None and part is not None:
+                part.div_(scale)
+        # the norm is sent only for a policy; with nonfinite="ignore" and no policy nothing extra
+        # is sent (the monitor's metering of stock DDP stays exact)
+        track = grad is not None and self.policy is not None
         extra = int(check) + int(track)
-        n_small = len(small_flat)
-        if check:
-            small_flat.append(nonfinite_flag(small_flat + ([grad] if grad is not None else [])))
+        parts: list[Tensor] = []
         dense_u = None
-        if momentum and n_small:
-            # 1.1 Momentum on every coordinate: what travels dense (small tensors, warm-up steps)
-            #     is u ← m·u + g itself, plain momentum SGD (no sparsification, so no masking);
-            #     stored only once the step is known to be finite.
-            dense_u = self._dense_momentum(torch.cat(small_flat[:n_small]))
-            small_flat[:n_small] = [dense_u]
+        if dense is not None:
+            if momentum:
+                # 1.1 Momentum on every coordinate: what travels dense (small tensors, warm-up
+                #     steps) is u ← m·u + g itself, plain momentum SGD (no sparsification, so no
+                #     masking); stored only once the step is known to be finite.
+                dense = dense_u = self._dense_momentum(dense)
+            parts.append(dense)
+        if check:
+            parts.append(nonfinite_flag([t for t in (dense, grad) if t is not None], device))
         if track:
             assert grad is not None
-            small_flat.append(torch.linalg.vector_norm(grad).square().reshape(1))
-        if small_flat:
-            flat = torch.cat(small_flat)
+            parts.append(torch.linalg.vector_norm(grad).square().reshape(1))
+        if parts:
+            flat = torch.cat(parts)
             self.ledger.record_coords(flat.numel() - extra, 4 * flat.numel(), self.world_size)
             flat = allreduce_mean(flat, self.process_group, self.ledger)
-            # the flag and the norm are read to the host together: one device sync, not two
-            tail = flat[flat.numel() - extra :].tolist()
+            # the flag and the norm are read to the host together: the step's one device sync
+            tail = flat[flat.numel() - extra :].tolist() if extra else []
             if check:
                 bad_ranks = round(tail[0] * self.world_size)
                 self.last_step_skipped = bad_ranks > 0
@@ -361,9 +377,12 @@ class CompressionState:
                 self.last_grad_norm = math.sqrt(tail[-1])
             if dense_u is not None:
                 self.velocity.residuals[_DENSE] = dense_u
+            averages = flat[: flat.numel() - extra]
+            if scale is not None:
+                averages.mul_(scale)
             # less the flag and the norm; saturate: every input is finite (just checked), so a
             # value past the dtype's range is rounding (or a float16 bucket), never a real Inf
-            write_flat_(small_views, flat[: flat.numel() - extra], saturate=check)
+            write_flat_(small_views, averages, saturate=check)
 
         # 2. One compressed exchange for all large tensors, with the setting the policy picks
         #    for this step (on every rank, from the same reduced norm).
@@ -372,6 +391,8 @@ class CompressionState:
                 self.decide(self.last_grad_norm if track else None)
                 self.last_compressed = True
             average = self._compressed_average(grad, large_layout)
+            if scale is not None:
+                average = average * scale
             # 2.1 Finite inputs give a finite average by construction: every collective divides
             #     by W before summing, and the saturated write clamps what the codec's estimate
             #     or rounding put past the range of the bucket's dtype (an L2-scaled QSGD level
@@ -397,8 +418,27 @@ class CompressionState:
             raise FloatingPointError(f"{message}; set nonfinite='skip' to skip such steps instead")
         log.warning("%s: step skipped on every rank, error-feedback memory untouched", message)
         self.skipped_steps += 1
-        for view in views:  # zero update for users of the bare hook; CompressedDDP skips the step
-            view.zero_()
+        # a GradScaler must see the overflow: it then skips the step and backs off its scale;
+        # without one, the bare hook's users get a zero update (CompressedDDP skips the step)
+        fill = math.inf if self._scaler_enabled() else 0.0
+        for view in views:
+            view.fill_(fill)
+
+    def _scaler_enabled(self) -> bool:
+        return self.scaler is not None and bool(self.scaler.is_enabled())
+
+    def loss_scale(self, device: torch.device | None) -> Tensor | None:
+        """The scaler's current loss scale as a device tensor (no host sync), or ``None``.
+
+        Read from ``GradScaler._scale``: the public ``get_scale()`` returns a Python float, a
+        device sync per step. The scale exists once ``scaler.scale(loss)`` ran, before backward.
+        """
+        if not self._scaler_enabled():
+            return None
+        scale = getattr(self.scaler, "_scale", None)
+        if not isinstance(scale, Tensor):
+            return None
+        return scale.to(device=device, dtype=torch.float32) if device is not None else scale
 
     def _compressed_average(self, grad: Tensor, layout: tuple[tuple[str, int], ...]) -> Tensor:
         self._ensure_layouts(layout, self._dense_layout, grad.device)
@@ -446,8 +486,8 @@ class CompressionState:
         if self.uses_sketch:
             result = exchange(self.compressor, v, self.process_group, self.ledger, generator)
             assert result.applied is not None
-            sent = result.applied
-            v[sent] = 0.0
+            sent = result.applied  # the k coordinates' indices
+            v.index_fill_(0, sent, 0.0)
         else:
             result = exchange(self.compressor, v, self.process_group, self.ledger, generator, want_local=True)
             assert result.local is not None
@@ -457,7 +497,11 @@ class CompressionState:
         self.memory.residuals[_COMPRESSED] = v
         # 5. factor masking: the momentum of what was just sent must not be applied again
         if self.momentum_masking and self.momentum > 0.0:
-            u[sent] = 0.0
+            # masked_fill_/index_fill_, not u[sent] = 0: a boolean-mask assignment syncs with the host
+            if sent.dtype == torch.bool:
+                u.masked_fill_(sent, 0.0)
+            else:
+                u.index_fill_(0, sent, 0.0)
         return result.average
 
     def _dense_momentum(self, grad: Tensor) -> Tensor:
@@ -547,8 +591,10 @@ class CompressionState:
             "momentum": {k: v.clone() for k, v in pools["momentum"].items()},
             "compressor": self.compressor.meta(),
         }
-        if self._generator is not None and self._generator.device.type == "cpu":
+        if self._generator is not None:  # a CPU or a CUDA generator: resume draws the same
             state["generator"] = self._generator.get_state()
+        elif self._stash is not None and "generator" in self._stash:  # restored, not drawn from yet
+            state["generator"] = self._stash["generator"]
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -578,6 +624,7 @@ class CompressionState:
         d["process_group"] = None
         d["_pending"], d["_inflight"] = [], []
         d["_generator"] = None
+        d["scaler"] = None  # set again by the strategy in each process
         return d
 
 

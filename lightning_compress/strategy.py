@@ -22,6 +22,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import logging
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -193,7 +194,25 @@ class CompressedDDPMixin:
         # every rank, before DDP's own collectives: settings that differ fail here, by name
         check_settings_agree(settings_of(self), what="CompressedDDP")
         super().setup(trainer)
+        self._attach_scaler()
         self._warn_double_momentum()
+
+    def _attach_scaler(self) -> None:
+        """Hand the precision plugin's GradScaler (``precision="16-mixed"``) to the exchange.
+
+        The exchange then divides the loss scale out before compressing and a skipped step goes
+        through the scaler (see :attr:`~lightning_compress.hooks.CompressionState.scaler`).
+        """
+        scaler = getattr(self.precision_plugin, "scaler", None)
+        self.comm_state.scaler = scaler
+        state = self.comm_state
+        keeps_memory = state.error_feedback or state.momentum > 0.0 or state.uses_sketch
+        if scaler is not None and state.nonfinite == "ignore" and keeps_memory:
+            raise ValueError(
+                "CompressedDDP(nonfinite='ignore') with a GradScaler (precision='16-mixed'): the scaler's "
+                "routine overflow steps would put Inf into the error-feedback memory, which never recovers; "
+                "use nonfinite='skip' (the default), which lets the scaler skip those steps and back off"
+            )
 
     def _warn_double_momentum(self) -> None:
         """One warning when momentum is on in the exchange and the optimizer has its own too."""
@@ -273,11 +292,7 @@ class CompressedDDPMixin:
             # the schedule runs forward/backward and may replace the gradients (backup workers)
             result = self.sync.run_closure(self, optimizer, closure, step)
             if self.comm_state.last_step_skipped:
-                # every rank saw the same non-finite flag: drop the gradients so that
-                # optimizer.step leaves parameters and optimizer state alone on all ranks
-                for group in optimizer.param_groups:
-                    for p in group["params"]:
-                        p.grad = None
+                self._skip_step(optimizer)
             return result
 
         self.comm_state.last_step_skipped = False
@@ -285,6 +300,23 @@ class CompressedDDPMixin:
         self.sync.after_optimizer_step(self, optimizer, self.optimizer_steps)
         self.optimizer_steps += 1
         return output
+
+    def _skip_step(self, optimizer: Optimizer) -> None:
+        """Make ``optimizer.step`` leave parameters and optimizer state alone on this rank.
+
+        Without a GradScaler the gradients are dropped (``None``). A GradScaler must instead see
+        the overflow: its ``unscale_`` records Inf, ``step`` skips the optimizer and ``update``
+        backs off the scale (dropped gradients would make it raise "No inf checks were recorded
+        for this optimizer").
+        """
+        scaler = self.comm_state.scaler
+        inf = scaler is not None and scaler.is_enabled()
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if not inf:
+                    p.grad = None
+                elif p.grad is not None:
+                    p.grad.fill_(math.inf)
 
     @override
     def on_train_end(self) -> None:
@@ -307,11 +339,13 @@ class CompressedDDPMixin:
     def save_checkpoint(
         self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None
     ) -> None:
-        # Residuals differ per rank; Lightning writes on rank 0 only, so gather every rank's.
+        # Residuals differ per rank; Lightning writes on rank 0 only, so rank 0 gathers every
+        # rank's (gather, not all_gather: the other ranks do not stage W states in memory).
         mine = self.compression_state_dict()
         if dist.is_available() and dist.is_initialized() and self.world_size > 1:
-            ranks: list[Any] = [None] * self.world_size
-            dist.all_gather_object(ranks, mine)
+            gathered: list[Any] | None = [None] * self.world_size if self.global_rank == 0 else None
+            dist.gather_object(mine, gathered, dst=0)
+            ranks = gathered if gathered is not None else [mine] * self.world_size  # not written
         else:
             ranks = [mine]
         checkpoint[CHECKPOINT_KEY] = {"version": 1, "world_size": len(ranks), "ranks": ranks}

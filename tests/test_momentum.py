@@ -284,12 +284,12 @@ def test_per_layer_payload_size_is_exact_in_the_hook():
     out = run_distributed(_per_layer_bytes, 2)
     # compressed: 0.weight (2048) and 2.weight (4096); 1% of each, rounded up: 21 + 41 coordinates,
     # float32 values and int16 indices (6144 <= 2**15); dense: 512 + 64 + 64 + 8 floats, plus the
-    # non-finite flag and the squared norm riding the same allreduce
+    # non-finite flag riding the same allreduce (no policy: no squared norm)
     topk = (21 + 41) * (4 + 2)
     for r in out:
         assert r["segments"] == (2048, 4096)
         assert TopK(ratio=0.01, per_layer=True).payload_nbytes(6144) == 62 * 6  # one layer: 62 too here
-        assert r["last"].payload_bytes == topk + 4 * (512 + 64 + 64 + 8 + 2)
+        assert r["last"].payload_bytes == topk + 4 * (512 + 64 + 64 + 8 + 1)
 
 
 def _topk_mc():

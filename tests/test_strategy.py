@@ -83,9 +83,9 @@ def test_ledger_matches_payload_formula():
     small = sum(n for _, n in sizes if n < 256)
     codec = QSGD(bits=4)
     shard = -(-large // 2)
-    # all-to-all of 2 shards, all-gather of 1, dense small tensors + the 4-byte non-finite flag and
-    # the 4-byte squared pre-compression norm (what a policy decides from) in the dense allreduce
-    per_step = 2 * codec.payload_nbytes(shard) + codec.payload_nbytes(shard) + 4 * small + 4 + 4
+    # all-to-all of 2 shards, all-gather of 1, dense small tensors + the 4-byte non-finite flag in
+    # the dense allreduce (no policy: the squared norm a policy decides from is not sent)
+    per_step = 2 * codec.payload_nbytes(shard) + codec.payload_nbytes(shard) + 4 * small + 4
     for r in results:
         assert r["last"].payload_bytes == per_step
         assert r["total"].payload_bytes == 3 * per_step

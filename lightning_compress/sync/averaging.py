@@ -66,10 +66,10 @@ STATE_VERSION = 1
 
 
 # -- flat vectors ----------------------------------------------------------------------------
-def flatten(tensors: Sequence[Tensor]) -> Tensor:
-    """Concatenate ``tensors`` into one new flat float32 vector (empty if there are none)."""
+def flatten(tensors: Sequence[Tensor], device: torch.device | None = None) -> Tensor:
+    """Concatenate ``tensors`` into one new flat float32 vector (empty, on ``device``, if there are none)."""
     if not tensors:
-        return torch.empty(0, dtype=torch.float32)
+        return torch.empty(0, dtype=torch.float32, device=device)
     return torch.cat([t.detach().reshape(-1).to(torch.float32) for t in tensors])
 
 

@@ -496,17 +496,26 @@ class BackupWorkers(SyncSchedule):
     def _encode(self, strategy: CompressedDDP, params: list[tuple[str, Tensor]], step: int) -> bytes:
         comm = strategy.comm_state
         dense, large, warm = self._split(strategy, params, step)
-        dense_flat = _flat_grads(dense)
+        device = params[0][1].device if params else torch.device("cpu")
+        dense_flat = _flat_grads(dense, device)
+        large_flat = _flat_grads(large, device)
+        # float16 mixed precision: the exchange runs in unscaled units, as the DDP hook's does
+        scale = comm.loss_scale(device)
+        if scale is not None:
+            dense_flat.div_(scale)
+            large_flat.div_(scale)
         parts = [_to_bytes(dense_flat)]
-        large_flat = _flat_grads(large)
-        norm_sq = float(torch.linalg.vector_norm(large_flat).square()) if large else 0.0
         codec = comm.compressor
         meta = repr(codec.meta()).encode()
         sizes = (dense_flat.numel(), large_flat.numel())
         flags = _WARM if warm else 0
         self._pending = None
         check = getattr(comm, "nonfinite", "ignore") != "ignore"
-        if check and bool(nonfinite_flag([dense_flat, large_flat])):
+        # the norm and the non-finite flag are read to the host together: one device sync
+        norm_sq_t = torch.linalg.vector_norm(large_flat).square().reshape(1)
+        flag = nonfinite_flag([dense_flat, large_flat], device) if check else torch.zeros(1, device=device)
+        norm_sq, nonfinite = torch.cat([norm_sq_t, flag]).tolist()
+        if check and nonfinite:
             # every rank reads this flag from the same payload: all skip (or raise) together
             return _HEADER.pack(_MAGIC, step, self._rank, flags | _NONFINITE, *sizes, len(meta), 0.0) + meta
         if large:
@@ -581,6 +590,10 @@ class BackupWorkers(SyncSchedule):
                     scatter_add(large_sum, payload, alpha=1.0 / count)
                 else:
                     large_sum.add_(codec.decompress(payload).reshape(-1).to(torch.float32), alpha=1.0 / count)
+        scale = comm.loss_scale(device)
+        if scale is not None:  # back to the loss scale the optimizer's GradScaler divides out
+            dense_sum.mul_(scale)
+            large_sum.mul_(scale)
         _write_grads(dense, dense_sum)
         _write_grads(large, large_sum)
         if n_large:  # the contributors' pre-compression norm, from the same headers on every rank
@@ -680,9 +693,10 @@ def _skip_closure(closure: Callable[[], Any]) -> bool:
     return True
 
 
-def _flat_grads(params: list[tuple[str, Tensor]]) -> Tensor:
+def _flat_grads(params: list[tuple[str, Tensor]], device: torch.device) -> Tensor:
+    """The gradients of ``params`` in one new float32 vector on ``device`` (zeros for a missing one)."""
     if not params:
-        return torch.zeros(0, dtype=torch.float32)
+        return torch.zeros(0, dtype=torch.float32, device=device)
     return torch.cat(
         [
             torch.zeros(p.numel(), device=p.device) if p.grad is None else p.grad.reshape(-1).float()

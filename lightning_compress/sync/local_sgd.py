@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_compress.comm.collectives import exchange
+from lightning_compress.comm.rng import seeded_generator
 from lightning_compress.compressors.base import NoCompression
 from lightning_compress.sync.averaging import (
     PeriodicAveraging,
@@ -215,12 +216,9 @@ class LocalSGD(PeriodicAveraging):
 
     def _rng(self, cs: CompressionState, device: torch.device) -> torch.Generator:
         if self._generator is None or self._generator.device != device:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(cs.seed + _SEED_OFFSET + dist.get_rank(cs.process_group))
-            if self._generator_state is not None:
-                gen.set_state(self._generator_state)
-                self._generator_state = None
-            self._generator = gen
+            seed = cs.seed + _SEED_OFFSET + dist.get_rank(cs.process_group)
+            self._generator = seeded_generator(device, seed, self._generator_state)
+            self._generator_state = None
         return self._generator
 
     # -- state -------------------------------------------------------------------------------
