@@ -468,10 +468,14 @@ def _logs_now(trainer: pl.Trainer) -> bool:
 def _log(pl_module: pl.LightningModule, metrics: dict[str, float], on_step: bool) -> None:
     # float64 where the device has it: bit totals pass 2**24 quickly, where float32 rounds
     dtype = torch.float32 if pl_module.device.type == "mps" else torch.float64
-    for name, value in metrics.items():
+    if not metrics:
+        return
+    # one host-to-device copy per logging step, not one per metric
+    values = torch.tensor(list(metrics.values()), dtype=dtype, device=pl_module.device)
+    for i, name in enumerate(metrics):
         pl_module.log(
             name,
-            torch.tensor(value, dtype=dtype, device=pl_module.device),
+            values[i],
             on_step=on_step,
             on_epoch=not on_step,
             sync_dist=False,

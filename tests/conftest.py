@@ -6,6 +6,11 @@ sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+def pytest_configure(config):
+    """Register the ``cuda`` marker of the GPU tests (tests/gpu/)."""
+    config.addinivalue_line("markers", "cuda: needs a CUDA device; skipped without one")
+
+
 def pytest_collection_modifyitems(config, items):
     """Mark ``namespaced`` every test whose module takes Lightning from ``lightning_ns``."""
     import lightning_ns

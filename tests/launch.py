@@ -1,4 +1,4 @@
-"""One launcher for every multi-process test: real gloo process groups on localhost.
+"""One launcher for every multi-process test: real gloo (or NCCL) process groups on localhost.
 
 ``run_distributed(fn, world_size, *args)`` starts ``world_size`` fresh processes (spawn), each
 running ``fn(rank, world_size, *args)`` with the environment Lightning reads for externally
@@ -28,12 +28,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_process_group(rank: int, world_size: int, timeout_s: float = 60.0) -> None:
-    """Plain gloo group for tests that do not go through a Trainer."""
+def init_process_group(
+    rank: int, world_size: int, timeout_s: float = 60.0, backend: str | None = None
+) -> None:
+    """Plain process group for tests that do not go through a Trainer.
+
+    Args:
+        rank: this process's rank.
+        world_size: number of processes.
+        timeout_s: collective timeout; a hung rank fails the test after it.
+        backend: ``None`` or ``"gloo"`` (CPU tensors), or ``"nccl"`` (CUDA tensors): each rank
+            then first makes ``cuda:{rank % device_count}`` its current device, which NCCL needs.
+
+    """
     import torch.distributed as dist
 
+    backend = "gloo" if backend is None else backend
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend must be None, 'gloo' or 'nccl', got {backend!r}")
+    if backend == "nccl":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
     dist.init_process_group(
-        "gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s)
+        backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s)
     )
 
 
