@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from lightning_ns import pl
 from torch import nn
@@ -64,6 +66,26 @@ class ToyClassifier(pl.LightningModule):
 
 def flat_params(module: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1).clone() for p in module.parameters()])
+
+
+class BadLossAt(ToyClassifier):
+    """Rank ``bad_rank``'s loss is multiplied by ``factor`` at optimizer step(s) ``bad_step``.
+
+    ``factor=math.nan`` gives NaN gradients, ``math.inf`` the Inf of a float16 overflow.
+    """
+
+    def __init__(
+        self, bad_step: int | tuple[int, ...] = 3, bad_rank: int = 1, factor: float = math.nan, **kw
+    ):
+        super().__init__(**kw)
+        self.bad_steps = (bad_step,) if isinstance(bad_step, int) else tuple(bad_step)
+        self.bad_rank, self.factor = bad_rank, factor
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        if self.global_step in self.bad_steps and self.global_rank == self.bad_rank:
+            loss = loss * self.factor
+        return loss
 
 
 def trainer_kwargs(world_size: int, **overrides):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from launch import init_process_group, run_distributed
 from lightning_ns import CompressedDDP, pl
-from models import ToyClassifier, flat_params, trainer_kwargs
+from models import BadLossAt, flat_params, trainer_kwargs
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -22,20 +22,6 @@ from lightning_compress.hooks import CompressionState, register_compression_hook
 from lightning_compress.sync import BackupWorkers, LocalSGD
 
 INIT_SCALE = 2.0**16  # GradScaler's default
-
-
-class InfAt(ToyClassifier):
-    """Rank ``bad_rank``'s loss is Inf at optimizer step ``bad_step``: a float16 overflow."""
-
-    def __init__(self, bad_step: int = 3, bad_rank: int = 1, **kw):
-        super().__init__(**kw)
-        self.bad_step, self.bad_rank = bad_step, bad_rank
-
-    def training_step(self, batch, batch_idx):
-        loss = super().training_step(batch, batch_idx)
-        if self.global_step == self.bad_step and self.global_rank == self.bad_rank:
-            loss = loss * math.inf
-        return loss
 
 
 def _plugin():
@@ -54,7 +40,8 @@ def _fit_with_inf(rank, world_size, kind):
         "backup": dict(compressor=TopK(ratio=0.05), error_feedback=True, sync=BackupWorkers(backups=0)),
     }[kind]
     # Local SGD: rank 1's Inf falls on a local step (2 steps per period), which only rank 1 skips
-    model = InfAt(momentum=0.0 if "momentum" in settings else 0.9, bad_step=3 if kind != "local_sgd" else 2)
+    momentum = 0.0 if "momentum" in settings else 0.9
+    model = BadLossAt(bad_step=3 if kind != "local_sgd" else 2, factor=math.inf, momentum=momentum)
     strategy = CompressedDDP(min_compression_size=256, **settings)
     plugin = _plugin()
     trainer = pl.Trainer(**trainer_kwargs(world_size, strategy=strategy, max_steps=8), plugins=[plugin])

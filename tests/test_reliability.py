@@ -11,30 +11,16 @@ import pytest
 import torch
 from launch import run_distributed
 from lightning_ns import CompressedDDP, pl
-from models import ToyClassifier, flat_params, trainer_kwargs
+from models import BadLossAt, ToyClassifier, flat_params, trainer_kwargs
 from torch import nn
 
 from lightning_compress.compressors import QSGD, TopK
 from lightning_compress.strategy import CHECKPOINT_KEY
 
 
-class NaNAt(ToyClassifier):
-    """Rank ``bad_rank`` produces a NaN loss at optimizer step ``bad_step``."""
-
-    def __init__(self, bad_step: int = 3, bad_rank: int = 1, **kw):
-        super().__init__(**kw)
-        self.bad_step, self.bad_rank = bad_step, bad_rank
-
-    def training_step(self, batch, batch_idx):
-        loss = super().training_step(batch, batch_idx)
-        if self.global_step == self.bad_step and self.global_rank == self.bad_rank:
-            loss = loss * float("nan")
-        return loss
-
-
 def _nan_run(rank, world_size, mode):
     pl.seed_everything(0, verbose=False)
-    model = NaNAt(momentum=0.9)
+    model = BadLossAt(momentum=0.9)  # NaN at step 3 on rank 1
     strategy = CompressedDDP(
         compressor=TopK(ratio=0.05), error_feedback=True, min_compression_size=256, nonfinite=mode
     )

@@ -4,6 +4,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from qsgd_stats import assert_unbiased, exact_variance
 
 from lightning_compress.compressors import QSGD
 from lightning_compress.compressors.base import Compressor
@@ -18,21 +19,6 @@ def draws(codec: QSGD, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
     tiled = x.repeat(DRAWS)
     out = codec.decompress(codec.compress(tiled, generator=torch.Generator().manual_seed(seed)))
     return out.view(DRAWS, x.numel())
-
-
-def bucket_scale(x: torch.Tensor, bits: int, norm: str) -> float:
-    return float(x.abs().max() if norm == "max" or bits == 1 else x.norm())
-
-
-def exact_variance(x: torch.Tensor, bits: int, norm: str) -> torch.Tensor:
-    """Per-coordinate variance of Q(x)_i: f(1-f) step^2 for B >= 2, M^2 - x_i^2 for 1 bit."""
-    x = x.double()
-    scale = bucket_scale(x, bits, norm)
-    if bits == 1:
-        return scale**2 - x**2
-    s = 2 ** (bits - 1) - 1
-    frac = torch.frac(x.abs() * s / scale)
-    return frac * (1 - frac) * (scale / s) ** 2
 
 
 def test_class_attributes():
@@ -88,16 +74,7 @@ def test_decoded_values_lie_on_the_grid(bits, bucket_size, numel, norm, seed):
 def test_unbiased(bits, norm):
     x = torch.randn(128, generator=torch.Generator().manual_seed(bits))
     samples = draws(QSGD(bits=bits, norm=norm), x)
-    mean = samples.double().mean(0)
-    std_of_mean = (exact_variance(x, bits, norm) / DRAWS).sqrt()
-    # 5 standard deviations per coordinate, plus the documented bias bound (2**-15 of a step).
-    step = bucket_scale(x, bits, norm) / (1 if bits == 1 else 2 ** (bits - 1) - 1)
-    tolerance = 5 * std_of_mean + 2**-14 * step + 1e-6
-    assert ((mean - x.double()).abs() <= tolerance).all()
-    # The test has power: round-to-nearest (biased) would fail it for many coordinates.
-    if bits >= 2:
-        nearest = torch.round(x.double() / step) * step
-        assert ((nearest - x.double()).abs() > tolerance).sum() > 10
+    assert_unbiased(samples, x, bits, norm)
 
 
 @pytest.mark.parametrize("norm", ["max", "l2"])

@@ -17,6 +17,7 @@ import math
 
 import pytest
 import torch
+from qsgd_stats import assert_unbiased, exact_variance
 
 from lightning_compress.compressors import QSGD, CountSketch, NoCompression, Payload, TopK
 from lightning_compress.compressors.pack import pack_bits, unpack_bits
@@ -207,21 +208,6 @@ def test_qsgd_cuda_generator_reproduces_exactly(bits):
     assert not torch.equal(a.data["codes"], c.data["codes"])
 
 
-def bucket_scale(x: torch.Tensor, bits: int, norm: str) -> float:
-    return float(x.abs().max() if norm == "max" or bits == 1 else x.norm())
-
-
-def exact_variance(x: torch.Tensor, bits: int, norm: str) -> torch.Tensor:
-    """Per-coordinate variance of Q(x)_i: f(1-f) step^2 for B >= 2, M^2 - x_i^2 for 1 bit."""
-    x = x.double()
-    scale = bucket_scale(x, bits, norm)
-    if bits == 1:
-        return scale**2 - x**2
-    s = 2 ** (bits - 1) - 1
-    frac = torch.frac(x.abs() * s / scale)
-    return frac * (1 - frac) * (scale / s) ** 2
-
-
 @pytest.mark.parametrize("norm", ["max", "l2"])
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
 def test_qsgd_is_unbiased_with_a_cuda_generator(bits, norm):
@@ -232,16 +218,7 @@ def test_qsgd_is_unbiased_with_a_cuda_generator(bits, norm):
     payload = codec.compress(x.repeat(DRAWS).to(DEVICE), generator=generator)
     assert_on_device(payload)
     samples = codec.decompress(payload).view(DRAWS, x.numel()).cpu()
-    mean = samples.double().mean(0)
-    std_of_mean = (exact_variance(x, bits, norm) / DRAWS).sqrt()
-    # 5 standard deviations per coordinate, plus the documented bias bound (2**-15 of a step).
-    step = bucket_scale(x, bits, norm) / (1 if bits == 1 else 2 ** (bits - 1) - 1)
-    tolerance = 5 * std_of_mean + 2**-14 * step + 1e-6
-    assert ((mean - x.double()).abs() <= tolerance).all()
-    # The test has power: round-to-nearest (biased) would fail it for many coordinates.
-    if bits >= 2:
-        nearest = torch.round(x.double() / step) * step
-        assert ((nearest - x.double()).abs() > tolerance).sum() > 10
+    assert_unbiased(samples, x, bits, norm)
     # and the variance is the theoretical one, as on CPU
     mse = (samples.double() - x.double()).pow(2).sum(1)
     assert abs(mse.mean() - exact_variance(x, bits, norm).sum()) <= 5 * mse.std() / math.sqrt(DRAWS) + 1e-9

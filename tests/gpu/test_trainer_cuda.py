@@ -18,7 +18,7 @@ import pytest
 import torch
 from launch import init_process_group, run_distributed
 from lightning_ns import CompressedDDP, pl
-from models import ToyClassifier, flat_params, teacher_dataset, trainer_kwargs
+from models import BadLossAt, ToyClassifier, flat_params, teacher_dataset, trainer_kwargs
 from syncs import count_host_syncs
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -145,23 +145,9 @@ def test_resume_on_gpu_equals_uninterrupted(tmp_path, kind):
         assert torch.equal(r["full"], r["resumed"]), (kind, (r["full"] - r["resumed"]).abs().max())
 
 
-class _InfAt(ToyClassifier):
-    """Rank ``bad_rank``'s loss is Inf at optimizer step ``bad_step``: a float16 overflow."""
-
-    def __init__(self, bad_step: int = 3, bad_rank: int = 1, **kw) -> None:
-        super().__init__(**kw)
-        self.bad_step, self.bad_rank = bad_step, bad_rank
-
-    def training_step(self, batch, batch_idx):
-        loss = super().training_step(batch, batch_idx)
-        if self.global_step == self.bad_step and self.global_rank == self.bad_rank:
-            loss = loss * math.inf
-        return loss
-
-
 def _fit_fp16_with_inf(rank: int, world_size: int, kind: str) -> dict:
     pl.seed_everything(0, verbose=False)
-    model = _InfAt(momentum=_momentum(kind))
+    model = BadLossAt(factor=math.inf, momentum=_momentum(kind))  # Inf at step 3 on rank 1
     strategy = _strategy(kind)
     trainer = pl.Trainer(
         **trainer_kwargs(world_size, accelerator="gpu", strategy=strategy, max_steps=8, precision="16-mixed")
