@@ -432,12 +432,15 @@ class CompressionState:
 
         Read from ``GradScaler._scale``: the public ``get_scale()`` returns a Python float, a
         device sync per step. The scale exists once ``scaler.scale(loss)`` ran, before backward.
+        A torch without that attribute gets ``get_scale()``: correct, at one host sync per step.
         """
         if not self._scaler_enabled():
             return None
-        scale = getattr(self.scaler, "_scale", None)
+        if not hasattr(self.scaler, "_scale"):
+            return torch.tensor(float(self.scaler.get_scale()), dtype=torch.float32, device=device)
+        scale = self.scaler._scale
         if not isinstance(scale, Tensor):
-            return None
+            return None  # nothing scaled yet
         return scale.to(device=device, dtype=torch.float32) if device is not None else scale
 
     def _compressed_average(self, grad: Tensor, layout: tuple[tuple[str, int], ...]) -> Tensor:

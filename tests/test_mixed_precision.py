@@ -170,3 +170,25 @@ def test_nonfinite_ignore_with_a_scaler_and_memory_is_refused():
     plain.precision_plugin = _plugin()
     plain._attach_scaler()
     assert plain.comm_state.scaler is plain.precision_plugin.scaler
+
+
+def test_loss_scale_is_read_on_the_device_or_through_the_public_api():
+    state = CompressionState(QSGD(bits=4))
+    assert state.loss_scale(None) is None  # no scaler
+    scaler = torch.amp.GradScaler("cpu", init_scale=512.0)
+    state.scaler = scaler
+    assert state.loss_scale(None) is None  # nothing scaled yet
+    scaler.scale(torch.ones(()))
+    assert float(state.loss_scale(torch.device("cpu"))) == 512.0
+
+    class PublicOnly:  # a scaler without GradScaler's private _scale
+        def is_enabled(self) -> bool:
+            return True
+
+        def get_scale(self) -> float:
+            return 1024.0
+
+    state.scaler = PublicOnly()
+    assert float(state.loss_scale(torch.device("cpu"))) == 1024.0
+    state.scaler = torch.amp.GradScaler("cpu", enabled=False)
+    assert state.loss_scale(None) is None
