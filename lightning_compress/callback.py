@@ -235,6 +235,8 @@ class CommunicationMonitorMixin:
                 self._own_state = CompressionState(compressor, **kwargs)
             state = self._own_state
             state.process_group = None
+            # float16 mixed precision: overflow steps go through the scaler, in unscaled units
+            state.use_scaler(getattr(strategy.precision_plugin, "scaler", None), type(self).__name__)
             # a second fit wraps the model in a new DDP: register again; the state carries over
             register_compression_hook(model, state)
             log.debug(f"{type(self).__name__}: registered the hook ({state.compressor!r}) on stock DDP")

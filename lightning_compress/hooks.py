@@ -336,9 +336,9 @@ class CompressionState:
         dense = torch.cat([t.reshape(-1).to(torch.float32) for t in small_views]) if small else None
         grad = torch.cat([t.reshape(-1).to(torch.float32) for t in large_views]) if large else None
         # 1.0 Under a GradScaler (float16 mixed precision) the gradients carry the loss scale S:
-        #     the exchange divides it out (exact: S is a power of 2) and multiplies the averages
-        #     by it again, so memories, the policy's norm and float16 payloads are in true units
-        #     whatever S does from step to step.
+        #     the exchange divides it out and multiplies the averages by it again (exact for
+        #     GradScaler's default power-of-2 scales), so memories, the policy's norm and float16
+        #     payloads are in true units whatever S does.
         scale = self.loss_scale(device)
         for part in (dense, grad):
             if scale is not None and part is not None:
@@ -346,6 +346,8 @@ class CompressionState:
         # the norm is sent only for a policy; with nonfinite="ignore" and no policy nothing extra
         # is sent (the monitor's metering of stock DDP stays exact)
         track = grad is not None and self.policy is not None
+        if not track:
+            self.last_grad_norm = None  # never a stale (or restored) norm next to this step's setting
         extra = int(check) + int(track)
         parts: list[Tensor] = []
         dense_u = None
@@ -423,6 +425,32 @@ class CompressionState:
         fill = math.inf if self._scaler_enabled() else 0.0
         for view in views:
             view.fill_(fill)
+
+    def use_scaler(self, scaler: Any, owner: str) -> None:
+        """Take the precision plugin's GradScaler (``None`` without one); see :attr:`scaler`.
+
+        Raises:
+            ValueError: with ``nonfinite="ignore"`` and memory (error feedback, exchange momentum,
+                a count sketch): the scaler's routine overflow steps would put Inf into it.
+
+        """
+        self.scaler = scaler
+        if not self._scaler_enabled():
+            return
+        keeps_memory = self.error_feedback or self.momentum > 0.0 or self.uses_sketch
+        if self.nonfinite == "ignore" and keeps_memory:
+            raise ValueError(
+                f"{owner}(nonfinite='ignore') with a GradScaler (precision='16-mixed'): the scaler's routine "
+                "overflow steps would put Inf into the error-feedback memory, which never recovers; use "
+                "nonfinite='skip' (the default), which lets the scaler skip those steps and back off"
+            )
+        if self.nonfinite == "raise":
+            log.warning(
+                "%s(nonfinite='raise') with a GradScaler (precision='16-mixed'): the scaler's routine "
+                "overflow steps, frequent early in training, will raise FloatingPointError; nonfinite='skip' "
+                "lets the scaler skip them and back off",
+                owner,
+            )
 
     def _scaler_enabled(self) -> bool:
         return self.scaler is not None and bool(self.scaler.is_enabled())

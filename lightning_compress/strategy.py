@@ -155,6 +155,8 @@ class CompressedDDPMixin:
         #: optimizer steps taken (identical on every rank; checkpointed)
         self.optimizer_steps = 0
         self._restored: dict[str, Any] | None = None
+        #: a gloo group for gathering checkpoint state on CPU when the default group is not gloo
+        self._cpu_group: Any = None
 
     def _check_kwargs(self, kwargs: dict[str, Any]) -> None:
         """Refuse a name that neither ``DDPStrategy`` nor ``DistributedDataParallel`` takes."""
@@ -194,6 +196,10 @@ class CompressedDDPMixin:
         # every rank, before DDP's own collectives: settings that differ fail here, by name
         check_settings_agree(settings_of(self), what="CompressedDDP")
         super().setup(trainer)
+        if dist.is_initialized() and self.world_size > 1 and dist.get_backend() != "gloo":
+            # NCCL's gather_object would stage every rank's state on rank 0's GPU; gloo keeps it on
+            # the host (created on every rank, here, in the same order: a collective call)
+            self._cpu_group = dist.new_group(backend="gloo")
         self._attach_scaler()
         self._warn_double_momentum()
 
@@ -203,16 +209,7 @@ class CompressedDDPMixin:
         The exchange then divides the loss scale out before compressing and a skipped step goes
         through the scaler (see :attr:`~lightning_compress.hooks.CompressionState.scaler`).
         """
-        scaler = getattr(self.precision_plugin, "scaler", None)
-        self.comm_state.scaler = scaler
-        state = self.comm_state
-        keeps_memory = state.error_feedback or state.momentum > 0.0 or state.uses_sketch
-        if scaler is not None and state.nonfinite == "ignore" and keeps_memory:
-            raise ValueError(
-                "CompressedDDP(nonfinite='ignore') with a GradScaler (precision='16-mixed'): the scaler's "
-                "routine overflow steps would put Inf into the error-feedback memory, which never recovers; "
-                "use nonfinite='skip' (the default), which lets the scaler skip those steps and back off"
-            )
+        self.comm_state.use_scaler(getattr(self.precision_plugin, "scaler", None), "CompressedDDP")
 
     def _warn_double_momentum(self) -> None:
         """One warning when momentum is on in the exchange and the optimizer has its own too."""
@@ -276,6 +273,9 @@ class CompressedDDPMixin:
     @override
     def pre_backward(self, closure_loss: Tensor) -> None:
         self.comm_state.communicate = self.sync.communicates(self.optimizer_steps)
+        # reset before the backward whose exchange decides it (in manual optimization the
+        # backward runs before optimizer_step)
+        self.comm_state.last_step_skipped = False
         super().pre_backward(closure_loss)
 
     @override
@@ -287,6 +287,11 @@ class CompressedDDPMixin:
         **kwargs: Any,
     ) -> Any:
         step = self.optimizer_steps
+        module = self.lightning_module
+        if module is None or module.automatic_optimization:
+            # the closure below runs this step's backward (or a backup worker skips it); in manual
+            # optimization the backward already ran and set the flag (reset in pre_backward)
+            self.comm_state.last_step_skipped = False
 
         def run_closure() -> Any:
             # the schedule runs forward/backward and may replace the gradients (backup workers)
@@ -295,7 +300,6 @@ class CompressedDDPMixin:
                 self._skip_step(optimizer)
             return result
 
-        self.comm_state.last_step_skipped = False
         output = super().optimizer_step(optimizer, run_closure, model, **kwargs)
         self.sync.after_optimizer_step(self, optimizer, self.optimizer_steps)
         self.optimizer_steps += 1
@@ -309,8 +313,7 @@ class CompressedDDPMixin:
         backs off the scale (dropped gradients would make it raise "No inf checks were recorded
         for this optimizer").
         """
-        scaler = self.comm_state.scaler
-        inf = scaler is not None and scaler.is_enabled()
+        inf = self.comm_state._scaler_enabled()
         for group in optimizer.param_groups:
             for p in group["params"]:
                 if not inf:
@@ -340,11 +343,12 @@ class CompressedDDPMixin:
         self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None
     ) -> None:
         # Residuals differ per rank; Lightning writes on rank 0 only, so rank 0 gathers every
-        # rank's (gather, not all_gather: the other ranks do not stage W states in memory).
+        # rank's (gather, not all_gather: the other ranks do not stage W states in memory), over
+        # gloo, on the host (see setup)
         mine = self.compression_state_dict()
         if dist.is_available() and dist.is_initialized() and self.world_size > 1:
             gathered: list[Any] | None = [None] * self.world_size if self.global_rank == 0 else None
-            dist.gather_object(mine, gathered, dst=0)
+            dist.gather_object(mine, gathered, dst=0, group=self._cpu_group)
             ranks = gathered if gathered is not None else [mine] * self.world_size  # not written
         else:
             ranks = [mine]
@@ -391,6 +395,7 @@ class CompressedDDPMixin:
     @override
     def teardown(self) -> None:
         self.comm_state._pending, self.comm_state._inflight = [], []
+        self._cpu_group = None  # destroyed with the default group
         super().teardown()
 
 

@@ -12,14 +12,14 @@ import math
 import pytest
 import torch
 from launch import init_process_group, run_distributed
-from lightning_ns import CompressedDDP, pl
+from lightning_ns import CommunicationMonitor, CompressedDDP, pl
 from models import BadLossAt, flat_params, trainer_kwargs
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_compress.compressors import QSGD, CountSketch, TopK
 from lightning_compress.hooks import CompressionState, register_compression_hook
-from lightning_compress.sync import BackupWorkers, LocalSGD
+from lightning_compress.sync import LocalSGD
 
 INIT_SCALE = 2.0**16  # GradScaler's default
 
@@ -37,7 +37,6 @@ def _fit_with_inf(rank, world_size, kind):
         "sketch_momentum": dict(compressor=CountSketch(ratio=0.05, rows=3), momentum=0.9),
         "none": dict(compressor="none"),
         "local_sgd": dict(compressor=TopK(ratio=0.05), sync=LocalSGD(period=2)),
-        "backup": dict(compressor=TopK(ratio=0.05), error_feedback=True, sync=BackupWorkers(backups=0)),
     }[kind]
     # Local SGD: rank 1's Inf falls on a local step (2 steps per period), which only rank 1 skips
     momentum = 0.0 if "momentum" in settings else 0.9
@@ -48,8 +47,6 @@ def _fit_with_inf(rank, world_size, kind):
     trainer.fit(model)  # used to raise "No inf checks were recorded for this optimizer"
     comm = strategy.comm_state
     memories = [*comm.memory.residuals.values(), *comm.velocity.residuals.values()]
-    if getattr(strategy.sync, "_residual", None) is not None:  # BackupWorkers keeps its own
-        memories.append(strategy.sync._residual)
     return {
         "scale": plugin.scaler.get_scale(),
         "skipped": strategy.comm_state.skipped_steps,
@@ -60,7 +57,7 @@ def _fit_with_inf(rank, world_size, kind):
     }
 
 
-@pytest.mark.parametrize("kind", ["topk_ef", "qsgd", "sketch_momentum", "none", "local_sgd", "backup"])
+@pytest.mark.parametrize("kind", ["topk_ef", "qsgd", "sketch_momentum", "none", "local_sgd"])
 def test_overflow_step_goes_through_the_scaler(kind):
     """The skipped step backs the scale off once, leaves every memory finite and the model finite."""
     out = run_distributed(_fit_with_inf, 2, kind)
@@ -75,7 +72,7 @@ def test_overflow_step_goes_through_the_scaler(kind):
         assert r["optimizer_steps"] == 8
         assert torch.isfinite(r["params"]).all()
         assert r["memories_finite"], "error-feedback or momentum memory took in the overflow"
-    if kind in ("topk_ef", "sketch_momentum", "backup"):
+    if kind in ("topk_ef", "sketch_momentum"):
         assert out[0]["n_memories"] > 0, "the test must look at real memories"
 
 
@@ -192,3 +189,28 @@ def test_loss_scale_is_read_on_the_device_or_through_the_public_api():
     assert float(state.loss_scale(torch.device("cpu"))) == 1024.0
     state.scaler = torch.amp.GradScaler("cpu", enabled=False)
     assert state.loss_scale(None) is None
+
+
+def _monitor_fit_with_inf(rank, world_size):
+    pl.seed_everything(0, verbose=False)
+    monitor = CommunicationMonitor(compressor=TopK(ratio=0.05), min_compression_size=256, summary=False)
+    plugin = _plugin()
+    trainer = pl.Trainer(
+        **trainer_kwargs(world_size, strategy="ddp", max_steps=8), plugins=[plugin], callbacks=[monitor]
+    )
+    trainer.fit(BadLossAt(factor=math.inf, momentum=0.9))
+    state = monitor._own_state
+    return {
+        "scale": plugin.scaler.get_scale(),
+        "skipped": state.skipped_steps,
+        "memory_finite": all(bool(torch.isfinite(m).all()) for m in state.memory.residuals.values()),
+        "n_memories": len(state.memory.residuals),
+    }
+
+
+def test_monitor_on_stock_ddp_sends_overflow_steps_through_the_scaler():
+    """The monitor's own compressing hook on strategy="ddp" takes the scaler as CompressedDDP does."""
+    out = run_distributed(_monitor_fit_with_inf, 2)
+    for r in out:
+        assert r["skipped"] == 1 and r["scale"] == INIT_SCALE / 2, r  # zeroed gradients kept the scale
+        assert r["n_memories"] == 1 and r["memory_finite"], r

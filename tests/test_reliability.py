@@ -133,6 +133,40 @@ def test_manual_optimization_compresses_and_ranks_agree():
     assert torch.equal(out[0]["params"], out[1]["params"])
 
 
+def _manual_nan(rank, world_size):
+    pl.seed_everything(0, verbose=False)
+
+    class ManualNaN(BadLossAt):
+        def __init__(self):
+            super().__init__(bad_step=2, momentum=0.9)
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            opt = self.optimizers()
+            opt.zero_grad()
+            self.manual_backward(super().training_step(batch, batch_idx))
+            before = flat_params(self)
+            opt.step()
+            if self.global_step == 3:  # the step after the bad one (the counter is already advanced)
+                self.unchanged = torch.equal(before, flat_params(self))
+
+    model = ManualNaN()
+    strategy = CompressedDDP(compressor=TopK(ratio=0.05), min_compression_size=256)
+    pl.Trainer(**trainer_kwargs(world_size, strategy=strategy, max_steps=5)).fit(model)
+    return {"params": flat_params(model), "skipped": strategy.comm_state.skipped_steps,
+            "unchanged": getattr(model, "unchanged", None)}
+
+
+def test_manual_optimization_skips_a_nonfinite_step():
+    """The hook decides during manual_backward, before optimizer_step: the step is still skipped."""
+    out = run_distributed(_manual_nan, 2)
+    for r in out:
+        assert r["skipped"] == 1
+        assert r["unchanged"] is True, "optimizer.step moved the parameters on the skipped step"
+        assert torch.isfinite(r["params"]).all()
+    assert torch.equal(out[0]["params"], out[1]["params"])
+
+
 def test_checkpoint_from_stock_ddp_starts_fresh_with_warning():
     strategy = CompressedDDP()
     with pytest.warns(UserWarning, match="no compression state"):

@@ -499,11 +499,6 @@ class BackupWorkers(SyncSchedule):
         device = params[0][1].device if params else torch.device("cpu")
         dense_flat = _flat_grads(dense, device)
         large_flat = _flat_grads(large, device)
-        # float16 mixed precision: the exchange runs in unscaled units, as the DDP hook's does
-        scale = comm.loss_scale(device)
-        if scale is not None:
-            dense_flat.div_(scale)
-            large_flat.div_(scale)
         parts = [_to_bytes(dense_flat)]
         codec = comm.compressor
         meta = repr(codec.meta()).encode()
@@ -590,10 +585,6 @@ class BackupWorkers(SyncSchedule):
                     scatter_add(large_sum, payload, alpha=1.0 / count)
                 else:
                     large_sum.add_(codec.decompress(payload).reshape(-1).to(torch.float32), alpha=1.0 / count)
-        scale = comm.loss_scale(device)
-        if scale is not None:  # back to the loss scale the optimizer's GradScaler divides out
-            dense_sum.mul_(scale)
-            large_sum.mul_(scale)
         _write_grads(dense, dense_sum)
         _write_grads(large, large_sum)
         if n_large:  # the contributors' pre-compression norm, from the same headers on every rank

@@ -226,9 +226,11 @@ class LocalSGD(PeriodicAveraging):
         return {"x0": self.x0, "residual": self.residual}
 
     def _state_extra(self) -> dict[str, Any]:
-        if self._generator is None:
-            return {}
-        return {"generator": self._generator.get_state()}
+        if self._generator is not None:
+            return {"generator": self._generator.get_state()}
+        if self._generator_state is not None:  # restored, not drawn from yet
+            return {"generator": self._generator_state}
+        return {}
 
     def _load_tensors(self, state: dict[str, Any], device: torch.device) -> None:
         self.x0 = state["x0"].to(device) if state.get("x0") is not None else None
