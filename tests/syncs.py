@@ -58,7 +58,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from lightning_compress.compressors import QSGD, CountSketch, NoCompression, TopK
+from lightning_compress.hooks import CompressionState
 
 __all__ = ["HostSync", "HostSyncs", "count_host_syncs"]
 
@@ -215,3 +219,30 @@ def count_host_syncs(device: str | torch.device | None = None) -> Iterator[HostS
             yield found
     else:
         raise ValueError(f"device must be a cuda or cpu device, got {device!r}")
+
+
+# -- the training step the sync tests measure (tests/test_host_syncs.py, tests/gpu/) -----------
+def hook_states() -> dict[str, CompressionState | None]:
+    """One bare-hook ``CompressionState`` per codec setting, and ``None`` for stock DDP (no hook)."""
+    return {
+        "stock_ddp": None,
+        "qsgd4": CompressionState(QSGD(bits=4)),
+        "topk_ef": CompressionState(TopK(ratio=0.01), error_feedback=True),
+        "topk_momentum": CompressionState(TopK(ratio=0.01), momentum=0.9),
+        "sketch": CompressionState(CountSketch()),
+        "none": CompressionState(NoCompression()),
+    }
+
+
+def hook_model() -> nn.Module:
+    """The measured model: its 2048- and 4096-element weights go through the codec
+    (``min_compression_size`` 1024), the rest travels dense."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> None:
+    """One forward, backward (where DDP runs the comm hook) and optimizer step."""
+    opt.zero_grad()
+    model(x).pow(2).mean().backward()
+    opt.step()

@@ -33,12 +33,11 @@ import threading
 import pytest
 import torch
 from launch import init_process_group, run_distributed
-from syncs import HostSync, count_host_syncs
+from syncs import HostSync, count_host_syncs, hook_model, hook_states, train_step
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from lightning_compress.compressors import QSGD, CountSketch, NoCompression, TopK
-from lightning_compress.hooks import CompressionState, register_compression_hook
+from lightning_compress.hooks import register_compression_hook
 
 WARMUP = 3
 PACKAGE = "lightning_compress"
@@ -46,23 +45,6 @@ PACKAGE = "lightning_compress"
 # which raises ValueError on CPU and is a device-side assert on CUDA (torch._assert_async, no
 # sync; checked under set_sync_debug_mode("error") in tests/gpu/test_codecs_cuda.py)
 CPU_ONLY_SELECTION = ("topk_indices", "_select_exact", "_select_with_nan", "from_bytes")
-
-
-def _settings() -> dict[str, CompressionState | None]:
-    return {
-        "stock_ddp": None,
-        "qsgd4": CompressionState(QSGD(bits=4)),
-        "topk_ef": CompressionState(TopK(ratio=0.01), error_feedback=True),
-        "topk_momentum": CompressionState(TopK(ratio=0.01), momentum=0.9),
-        "sketch": CompressionState(CountSketch()),
-        "none": CompressionState(NoCompression()),
-    }
-
-
-def _model() -> nn.Module:
-    torch.manual_seed(0)
-    # 2048- and 4096-element weights go through the codec (min_compression_size 1024), the rest dense
-    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
 
 
 def _cpu_only_selection(event: HostSync) -> bool:
@@ -73,25 +55,19 @@ def _from_package(event: HostSync) -> bool:
     return event.within(PACKAGE)
 
 
-def _step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> None:
-    opt.zero_grad()
-    model(x).pow(2).mean().backward()
-    opt.step()
-
-
 def _count(rank: int, world_size: int) -> dict[str, dict]:
     init_process_group(rank, world_size)
     out = {}
-    for name, state in _settings().items():
-        model = DistributedDataParallel(_model(), bucket_cap_mb=0.01)
+    for name, state in hook_states().items():
+        model = DistributedDataParallel(hook_model(), bucket_cap_mb=0.01)
         if state is not None:
             register_compression_hook(model, state)
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         g = torch.Generator().manual_seed(rank)
         for _ in range(WARMUP):
-            _step(model, opt, torch.randn(16, 32, generator=g))
+            train_step(model, opt, torch.randn(16, 32, generator=g))
         with count_host_syncs("cpu") as syncs:
-            _step(model, opt, torch.randn(16, 32, generator=g))
+            train_step(model, opt, torch.randn(16, 32, generator=g))
         kept = syncs.excluding(_cpu_only_selection)
         out[name] = {
             "total": syncs.count,

@@ -19,12 +19,12 @@ import torch
 from launch import init_process_group, run_distributed
 from lightning_ns import CompressedDDP, pl
 from models import BadLossAt, ToyClassifier, flat_params, teacher_dataset, trainer_kwargs
-from syncs import count_host_syncs
+from syncs import count_host_syncs, hook_model, hook_states, train_step
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_compress.compressors import QSGD, CountSketch, NoCompression, TopK
-from lightning_compress.hooks import CompressionState, register_compression_hook
+from lightning_compress.hooks import register_compression_hook
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
@@ -227,45 +227,31 @@ def test_host_syncs_per_step_at_most_one_more_than_stock_ddp():
             assert count <= stock + 1, f"{kind}: {count} syncs, stock DDP {stock}\n{report}"
 
 
-def _step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> None:
-    opt.zero_grad()
-    model(x).pow(2).mean().backward()
-    opt.step()
-
-
 def _count_hook_syncs(rank: int, world_size: int, kinds: list[str]) -> dict[str, tuple[int, str]]:
     init_process_group(rank, world_size, backend="nccl")
     device = torch.device("cuda", torch.cuda.current_device())
-    states = {
-        "ddp": None,
-        "qsgd4": CompressionState(QSGD(bits=4)),
-        "topk_ef": CompressionState(TopK(ratio=0.01), error_feedback=True),
-        "topk_momentum": CompressionState(TopK(ratio=0.01), momentum=0.9),
-        "sketch": CompressionState(CountSketch()),
-        "none": CompressionState(NoCompression()),
-    }
+    states = hook_states()
     out = {}
     for kind in kinds:
-        torch.manual_seed(0)
-        net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
-        model = DistributedDataParallel(net.to(device), device_ids=[device.index], bucket_cap_mb=0.01)
+        net = hook_model().to(device)
+        model = DistributedDataParallel(net, device_ids=[device.index], bucket_cap_mb=0.01)
         if states[kind] is not None:
             register_compression_hook(model, states[kind])
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         x = torch.randn(16, 32, device=device)
         for _ in range(3):
-            _step(model, opt, x)
+            train_step(model, opt, x)
         torch.cuda.synchronize()
         with count_host_syncs("cuda") as syncs:
-            _step(model, opt, x)
+            train_step(model, opt, x)
         out[kind] = (syncs.count, syncs.report())
     return out
 
 
 def test_bare_hook_on_one_gpu_adds_at_most_one_host_sync_per_step():
-    kinds = ["ddp", "qsgd4", "topk_ef", "topk_momentum", "sketch", "none"]
+    kinds = list(hook_states())  # stock_ddp first
     (out,) = run_distributed(_count_hook_syncs, 1, kinds)
-    stock, _ = out["ddp"]
+    stock, _ = out["stock_ddp"]
     for kind in kinds[1:]:
         count, report = out[kind]
         assert count <= stock + 1, f"{kind}: {count} syncs, stock DDP {stock}\n{report}"
