@@ -422,7 +422,7 @@ class CompressionState:
         self.skipped_steps += 1
         # a GradScaler must see the overflow: it then skips the step and backs off its scale;
         # without one, the bare hook's users get a zero update (CompressedDDP skips the step)
-        fill = math.inf if self._scaler_enabled() else 0.0
+        fill = math.inf if self.loss_scaled else 0.0
         for view in views:
             view.fill_(fill)
 
@@ -435,7 +435,7 @@ class CompressionState:
 
         """
         self.scaler = scaler
-        if not self._scaler_enabled():
+        if not self.loss_scaled:
             return
         keeps_memory = self.error_feedback or self.momentum > 0.0 or self.uses_sketch
         if self.nonfinite == "ignore" and keeps_memory:
@@ -452,7 +452,9 @@ class CompressionState:
                 owner,
             )
 
-    def _scaler_enabled(self) -> bool:
+    @property
+    def loss_scaled(self) -> bool:
+        """Whether the gradients carry an enabled GradScaler's loss scale (see :attr:`scaler`)."""
         return self.scaler is not None and bool(self.scaler.is_enabled())
 
     def loss_scale(self, device: torch.device | None) -> Tensor | None:
@@ -462,7 +464,7 @@ class CompressionState:
         device sync per step. The scale exists once ``scaler.scale(loss)`` ran, before backward.
         A torch without that attribute gets ``get_scale()``: correct, at one host sync per step.
         """
-        if not self._scaler_enabled():
+        if not self.loss_scaled:
             return None
         if not hasattr(self.scaler, "_scale"):
             return torch.tensor(float(self.scaler.get_scale()), dtype=torch.float32, device=device)

@@ -313,7 +313,7 @@ class CompressedDDPMixin:
         backs off the scale (dropped gradients would make it raise "No inf checks were recorded
         for this optimizer").
         """
-        inf = self.comm_state._scaler_enabled()
+        inf = self.comm_state.loss_scaled
         for group in optimizer.param_groups:
             for p in group["params"]:
                 if not inf:

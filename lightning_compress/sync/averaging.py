@@ -66,10 +66,10 @@ STATE_VERSION = 1
 
 
 # -- flat vectors ----------------------------------------------------------------------------
-def flatten(tensors: Sequence[Tensor], device: torch.device | None = None) -> Tensor:
-    """Concatenate ``tensors`` into one new flat float32 vector (empty, on ``device``, if there are none)."""
+def flatten(tensors: Sequence[Tensor]) -> Tensor:
+    """Concatenate ``tensors`` into one new flat float32 vector (empty if there are none)."""
     if not tensors:
-        return torch.empty(0, dtype=torch.float32, device=device)
+        return torch.empty(0, dtype=torch.float32)
     return torch.cat([t.detach().reshape(-1).to(torch.float32) for t in tensors])
 
 
@@ -310,7 +310,9 @@ class PeriodicAveraging(SyncSchedule):
     ) -> Any:
         """Run the step; on a local step, check this rank's gradients (locally: no collective)."""
         result = closure()
-        if not self.communicates(step) and _checks(strategy) and not _loss_scaled(strategy):
+        # under a GradScaler (float16 mixed precision) the scaler skips an overflowing local step
+        # itself and backs off; dropping the gradients first would leave it no inf check to record
+        if not self.communicates(step) and _checks(strategy) and not strategy.comm_state.loss_scaled:
             params = [p for group in optimizer.param_groups for p in group["params"]]
             if not gradients_finite(params):
                 self._on_local_nonfinite(strategy, step)
@@ -547,16 +549,6 @@ def _clone(obj: Any) -> Any:
 
 def _checks(strategy: CompressedDDP) -> bool:
     return strategy.comm_state.nonfinite != "ignore"
-
-
-def _loss_scaled(strategy: CompressedDDP) -> bool:
-    """Whether a gradient scaler (float16 mixed precision) handles non-finite gradients itself.
-
-    It skips the step and lowers the scale when the scaled gradients overflow, which is routine;
-    dropping the gradients before it would leave it no inf check to record. The sync points
-    still check the model.
-    """
-    return getattr(strategy.precision_plugin, "scaler", None) is not None
 
 
 __all__ = [
