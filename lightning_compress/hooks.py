@@ -240,7 +240,8 @@ class CompressionState:
         """Start this bucket's averaging allreduce now; at the last bucket, wait and complete all.
 
         The futures complete at the last bucket, once the step's non-finite check is done, so a
-        skipped step zeroes every bucket before DDP reads any of them. Waiting there costs
+        skipped step zeroes every bucket (fills it with Inf for a GradScaler) before DDP reads any
+        of them. Waiting there costs
         nothing: backward is over when the last bucket is ready, and DDP would wait for the same
         allreduces. The check reads the *averages*: a NaN or Inf on any rank makes them non-finite
         on every rank (finite values cannot overflow, being divided before the sum), so every rank
@@ -276,12 +277,12 @@ class CompressionState:
         pending, self._pending = self._pending, []
         self.last_compressed = False
 
-        def exchange() -> None:
+        def exchange_parked() -> None:  # not `exchange`: that name is the collective's
             if self.communicate:
                 self._exchange(pending)
                 self.ledger.end_step()
 
-        self._settle(pending, exchange)
+        self._settle(pending, exchange_parked)
 
     def _settle(self, pending: list[tuple[Tensor, list[Tensor], torch.futures.Future]], run: Any) -> None:
         """Run the step's exchange, then complete every bucket's future, and count the step."""
@@ -323,8 +324,9 @@ class CompressionState:
         large_layout = tuple((name, v.numel()) for _, v, name in large)
         momentum = self.momentum > 0.0
         dense_layout = tuple((name, v.numel()) for _, v, name in small) if momentum else ()
-        if small or large:
-            self._ensure_layouts(large_layout, dense_layout, (small_views + large_views)[0].device)
+        device = (small_views + large_views)[0].device if small or large else None
+        if device is not None:
+            self._ensure_layouts(large_layout, dense_layout, device)
 
         # 1. The dense allreduce of the small tensors carries up to two extra elements: how many
         #    ranks hold non-finite gradients (every rank then knows it, so all skip or raise
@@ -332,7 +334,6 @@ class CompressionState:
         #    rank's squared pre-compression norm of the large part, with a policy only (its mean
         #    over ranks is what the policy decides this step's setting from, on every rank alike).
         check = self.nonfinite != "ignore"
-        device = (small_views + large_views)[0].device if small or large else None
         dense = torch.cat([t.reshape(-1).to(torch.float32) for t in small_views]) if small else None
         grad = torch.cat([t.reshape(-1).to(torch.float32) for t in large_views]) if large else None
         # 1.0 Under a GradScaler (float16 mixed precision) the gradients carry the loss scale S:
