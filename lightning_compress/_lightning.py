@@ -26,9 +26,14 @@ def loaded_namespaces() -> list[ModuleType]:
 
 def namespace_of(obj: Any) -> ModuleType:
     """The Lightning namespace ``obj``'s class comes from (``pytorch_lightning`` if none)."""
-    for cls in type(obj).__mro__:
+    return namespace_of_type(type(obj))
+
+
+def namespace_of_type(cls: type) -> ModuleType:
+    """The Lightning namespace ``cls`` or one of its bases comes from (``pytorch_lightning`` if none)."""
+    for base in cls.__mro__:
         for name in reversed(NAMESPACES):
-            if cls.__module__ == name or cls.__module__.startswith(name + "."):
+            if base.__module__ == name or base.__module__.startswith(name + "."):
                 return sys.modules[name]
     import pytorch_lightning
 
@@ -38,16 +43,3 @@ def namespace_of(obj: Any) -> ModuleType:
 def ddp_strategy_types() -> tuple[type, ...]:
     """``DDPStrategy`` of every loaded namespace, for ``isinstance`` checks."""
     return tuple(ns.strategies.DDPStrategy for ns in loaded_namespaces())
-
-
-def closure_result_type(closure: Any) -> type | None:
-    """``ClosureResult`` of the namespace of Lightning's automatic-optimization ``Closure``, else ``None``."""
-    import importlib
-
-    try:
-        module = importlib.import_module(namespace_of(closure).__name__ + ".loops.optimization.automatic")
-    except ImportError:  # pragma: no cover - other Lightning layouts
-        return None
-    if not isinstance(closure, module.Closure):
-        return None  # manual optimization, or a user's own optimizer_step
-    return module.ClosureResult

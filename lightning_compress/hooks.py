@@ -37,9 +37,7 @@ momentum. ``u`` and ``v`` use the same per-parameter bookkeeping as the residual
 
 import logging
 import math
-import warnings
 from collections.abc import Iterable
-from numbers import Real
 from typing import Any
 
 import torch
@@ -47,19 +45,25 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from lightning_compress.comm.collectives import allreduce_mean, exchange, nonfinite_flag, write_flat_
+from lightning_compress._compat import grad_scaler_scale
+from lightning_compress.comm.collectives import allreduce_mean, nonfinite_flag, write_flat_
 from lightning_compress.comm.ledger import BitLedger, allreduce_wire_bytes
-from lightning_compress.comm.rng import seeded_generator
 from lightning_compress.compressors import Compressor, NoCompression, resolve_compressor
+from lightning_compress.exchange import (
+    ExchangeConfig,
+    ExchangeMemory,
+    Layout,
+    RankGenerator,
+    compressed_average,
+    on_nonfinite,
+)
 from lightning_compress.feedback import ErrorFeedback
+from lightning_compress.state import DeclaredState, detached_copy
 
 log = logging.getLogger(__name__)
 
-_COMPRESSED = "compressed"
-_DENSE = "dense"
 
-
-class CompressionState:
+class CompressionState(DeclaredState):
     """Settings and mutable state of the compressing DDP hook (picklable, checkpointable).
 
     Args:
@@ -124,68 +128,95 @@ class CompressionState:
         sketch_momentum: float | None = None,
     ) -> None:
         self.compressor = resolve_compressor(compressor)
-        if error_feedback is not None and not isinstance(error_feedback, bool):
-            raise TypeError(f"error_feedback must be True, False or None (automatic), got {error_feedback!r}")
-        if not isinstance(min_compression_size, int) or min_compression_size < 0:
-            raise ValueError(f"min_compression_size must be an integer >= 0, got {min_compression_size!r}")
-        if not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
-        if nonfinite not in ("skip", "raise", "ignore"):
-            raise ValueError(f"nonfinite must be 'skip', 'raise' or 'ignore', got {nonfinite!r}")
-        momentum = resolve_momentum(self.compressor, momentum, sketch_momentum)
-        if not isinstance(momentum_masking, bool):
-            raise TypeError(f"momentum_masking must be True or False, got {momentum_masking!r}")
-        if momentum > 0.0 and not self.uses_sketch and error_feedback is False:
-            raise ValueError(
-                f"momentum={momentum} (momentum correction) accumulates what was not sent, which is error "
-                "feedback; error_feedback=False contradicts it: leave error_feedback unset or set momentum=0"
-            )
-        self.error_feedback = (not self.compressor.unbiased) if error_feedback is None else error_feedback
-        self.min_compression_size = min_compression_size
-        self.warmup_steps = warmup_steps
-        #: momentum ``m`` applied in the exchange (0: off); see the class docstring
-        self.momentum = momentum
-        self.momentum_masking = momentum_masking
-        self.seed = int(seed)
-        self.nonfinite = nonfinite
-        self.process_group = process_group
-
+        #: the frozen settings (validated here, at construction)
+        self.config = ExchangeConfig.resolve(
+            self.compressor,
+            error_feedback=error_feedback,
+            min_compression_size=min_compression_size,
+            warmup_steps=warmup_steps,
+            momentum=momentum,
+            momentum_masking=momentum_masking,
+            seed=seed,
+            nonfinite=nonfinite,
+            sketch_momentum=sketch_momentum,
+        )
         self.ledger = BitLedger()
-        #: ``v`` / the error-feedback residual of the compressed part (key ``"compressed"``)
-        self.memory = ErrorFeedback()
-        #: the momentum ``u``, same per-parameter bookkeeping: key ``"compressed"`` for the large
-        #: tensors, ``"dense"`` for those sent uncompressed (with ``momentum > 0`` only)
-        self.velocity = ErrorFeedback()
-        self.step = 0
+        #: ``v`` (error-feedback residual / accumulated ``v``) and the momentum ``u``, per parameter
+        self.exchange_memory = ExchangeMemory()
+        self.rng = RankGenerator()
+        # -- declared per-rank state (checkpointed; see lightning_compress.state) --
+        #: exchanges run (one per backward that reached the last bucket), identical on every rank
+        self.add_state("step", 0)
+        self.add_state("skipped_steps", 0)
         #: the pre-compression L2 norm of the last exchanged gradient (its compressed part), reduced
         #: across ranks: ``sqrt(mean over ranks of ||g_r||²)``. Identical on every rank; what a
         #: policy decides from (not the decoded average, whose norm quantization noise inflates).
-        self.last_grad_norm: float | None = None
-        #: a per-step policy (:mod:`lightning_compress.policies`), set by the
-        #: :class:`~lightning_compress.CommunicationMonitor`: decided on every rank at every
-        #: compressed exchange, from this step's reduced norm, before the codec runs.
-        self.policy: Any = None
+        self.add_state("last_grad_norm", None)
+        # -- bound to this process (not saved; back at the default when pickled for spawn) --
+        self.add_transient("process_group")
+        self.process_group = process_group
         #: the ``torch.amp.GradScaler`` whose loss scale the gradients carry (float16 mixed
         #: precision; set by :class:`~lightning_compress.CompressedDDP`, or by a user of the bare
         #: hook). The exchange then runs in unscaled units, and a skipped step hands the scaler
         #: Inf gradients, so that it skips the optimizer step and backs off its scale.
-        self.scaler: Any = None
+        self.add_transient("scaler")
+        self.add_transient("names", factory=dict)
+        self.add_transient("_pending", factory=list)  # parked buckets: (buffer, params, future)
+        self.add_transient("_inflight", factory=list)  # plain allreduce: the works of this step's buckets
+        #: a per-step policy (:mod:`lightning_compress.policies`), set by the
+        #: :class:`~lightning_compress.CommunicationMonitor`: decided on every rank at every
+        #: compressed exchange, from this step's reduced norm, before the codec runs.
+        self.policy: Any = None
         #: set by a sync schedule: False skips the exchange (local steps) and leaves gradients local.
         self.communicate = True
         #: whether the last step's exchange sent gradients through the codec (not warm-up or local)
         self.last_compressed = False
         #: whether the last exchange found non-finite gradients on some rank (and was skipped)
         self.last_step_skipped = False
-        self.skipped_steps = 0
-        self.names: dict[int, tuple[int, str]] = {}
-        self._pending: list[tuple[Tensor, list[Tensor], torch.futures.Future]] = []
-        self._inflight: list[Any] = []  # plain allreduce: the works of this step's buckets
-        self._layout: tuple[tuple[str, int], ...] = ()  # of the compressed memories
-        self._dense_layout: tuple[tuple[str, int], ...] = ()  # of the dense momentum
-        #: per-parameter memories of parameters in neither layout now (kept, and checkpointed)
-        self._orphans: dict[str, dict[str, Tensor]] = {"residuals": {}, "momentum": {}}
-        self._stash: dict[str, Any] | None = None
-        self._generator: torch.Generator | None = None
+        #: whether the hook closes the ledger's step after each exchange (the bare hook, the
+        #: monitor on stock DDP); :class:`~lightning_compress.CompressedDDP` sets it to False and
+        #: closes the step itself once per optimizer step, whatever the schedule did in it
+        self.closes_steps = True
+
+    # -- settings (read-only views of the frozen configuration) -------------------------------
+    @property
+    def error_feedback(self) -> bool:
+        return self.config.error_feedback
+
+    @property
+    def min_compression_size(self) -> int:
+        return self.config.min_compression_size
+
+    @property
+    def warmup_steps(self) -> int:
+        return self.config.warmup_steps
+
+    @property
+    def momentum(self) -> float:
+        """Momentum ``m`` applied in the exchange (0: off); see the class docstring."""
+        return self.config.momentum
+
+    @property
+    def momentum_masking(self) -> bool:
+        return self.config.momentum_masking
+
+    @property
+    def seed(self) -> int:
+        return self.config.seed
+
+    @property
+    def nonfinite(self) -> str:
+        return self.config.nonfinite
+
+    @property
+    def memory(self) -> ErrorFeedback:
+        """``v``: the error-feedback residual of the compressed part (key ``"compressed"``)."""
+        return self.exchange_memory.v
+
+    @property
+    def velocity(self) -> ErrorFeedback:
+        """``u``: the momentum, key ``"compressed"`` for the large tensors, ``"dense"`` for the rest."""
+        return self.exchange_memory.u
 
     # -- binding -----------------------------------------------------------------------------
     def bind(self, named_parameters: Iterable[tuple[str, Tensor]]) -> None:
@@ -205,11 +236,9 @@ class CompressionState:
         """Deprecated alias of :attr:`momentum` (read-only)."""
         return self.momentum
 
-    def _rng(self, device: torch.device) -> torch.Generator:
-        if self._generator is None or self._generator.device != device:
-            saved = self._stash.pop("generator", None) if self._stash is not None else None
-            self._generator = seeded_generator(device, self.seed + dist.get_rank(self.process_group), saved)
-        return self._generator
+    def generator(self, device: torch.device) -> torch.Generator:
+        """This rank's rounding generator on ``device`` (``seed + rank``; restored on resume)."""
+        return self.rng.get(device, self.seed, self.process_group)
 
     # -- the exchange ------------------------------------------------------------------------
     def park(self, bucket: dist.GradBucket) -> torch.futures.Future:
@@ -267,7 +296,7 @@ class CompressionState:
             self.last_step_skipped = self.nonfinite != "ignore" and bool(nonfinite_flag(buffers))
             if self.last_step_skipped:  # the step's one host sync is the read above
                 self._on_nonfinite(None, buffers)
-            self.ledger.end_step()
+            self.close_step()
 
         self._settle(pending, finish)
         return fut
@@ -280,7 +309,7 @@ class CompressionState:
         def exchange_parked() -> None:  # not `exchange`: that name is the collective's
             if self.communicate:
                 self._exchange(pending)
-                self.ledger.end_step()
+                self.close_step()
 
         self._settle(pending, exchange_parked)
 
@@ -326,7 +355,7 @@ class CompressionState:
         dense_layout = tuple((name, v.numel()) for _, v, name in small) if momentum else ()
         device = (small_views + large_views)[0].device if small or large else None
         if device is not None:
-            self._ensure_layouts(large_layout, dense_layout, device)
+            self._lay_out(large_layout, dense_layout, device)
 
         # 1. The dense allreduce of the small tensors carries up to two extra elements: how many
         #    ranks hold non-finite gradients (every rank then knows it, so all skip or raise
@@ -357,7 +386,7 @@ class CompressionState:
                 # 1.1 Momentum on every coordinate: what travels dense (small tensors, warm-up
                 #     steps) is u ← m·u + g itself, plain momentum SGD (no sparsification, so no
                 #     masking); stored only once the step is known to be finite.
-                dense = dense_u = self._dense_momentum(dense)
+                dense = dense_u = self.exchange_memory.dense_momentum(dense, self.momentum)
             parts.append(dense)
         if check:
             parts.append(nonfinite_flag([t for t in (dense, grad) if t is not None], device))
@@ -379,7 +408,7 @@ class CompressionState:
             if track:
                 self.last_grad_norm = math.sqrt(tail[-1])
             if dense_u is not None:
-                self.velocity.residuals[_DENSE] = dense_u
+                self.exchange_memory.keep_dense_momentum(dense_u)
             averages = flat[: flat.numel() - extra]
             if scale is not None:
                 averages.mul_(scale)
@@ -393,7 +422,18 @@ class CompressionState:
             if not warm:
                 self.decide(self.last_grad_norm if track else None)
                 self.last_compressed = True
-            average = self._compressed_average(grad, large_layout)
+            if getattr(self.compressor, "per_layer", False):
+                # per-layer selection needs the parameters' sizes in the fused vector (same on every rank)
+                self.compressor.segments = tuple(numel for _, numel in large_layout)  # type: ignore[attr-defined]
+            average = compressed_average(
+                grad,
+                self.compressor,
+                self.config,
+                self.exchange_memory,
+                self.process_group,
+                self.ledger,
+                self.generator(grad.device),
+            )
             if scale is not None:
                 average = average * scale
             # 2.1 Finite inputs give a finite average by construction: every collective divides
@@ -402,6 +442,17 @@ class CompressionState:
             #     above float16's 65504). So no second check, and no second device sync, is
             #     needed; with nonfinite="ignore" values are written as they come, like DDP.
             write_flat_(large_views, average, saturate=check)
+
+    def close_step(self, owner: bool = False) -> None:
+        """Close the ledger's step: the only place it is closed (one step per optimizer step).
+
+        The hook calls it after each exchange; it closes then only when no strategy owns the
+        step boundary (:attr:`closes_steps`). The owner (``CompressedDDP.optimizer_step``) calls
+        it with ``owner=True`` after the schedule ran, so local steps, sync points and backup
+        workers' steps are closed by the same line.
+        """
+        if owner or self.closes_steps:
+            self.ledger.end_step()
 
     def decide(self, grad_norm: float | None, step: int | None = None) -> None:
         """Let the policy (if any) set the codec for the compressed exchange of ``step``.
@@ -417,9 +468,7 @@ class CompressionState:
     def _on_nonfinite(self, bad_ranks: int | None, views: list[Tensor]) -> None:
         where = "at least one" if bad_ranks is None else str(bad_ranks)  # None: seen in the averages
         message = f"non-finite gradients (NaN/Inf) on {where} of {self.world_size} ranks at step {self.step}"
-        if self.nonfinite == "raise":
-            raise FloatingPointError(f"{message}; set nonfinite='skip' to skip such steps instead")
-        log.warning("%s: step skipped on every rank, error-feedback memory untouched", message)
+        on_nonfinite(self.nonfinite, message, "error-feedback memory untouched")
         self.skipped_steps += 1
         # a GradScaler must see the overflow: it then skips the step and backs off its scale;
         # without one, the bare hook's users get a zero update (CompressedDDP skips the step)
@@ -438,8 +487,7 @@ class CompressionState:
         self.scaler = scaler
         if not self.loss_scaled:
             return
-        keeps_memory = self.error_feedback or self.momentum > 0.0 or self.uses_sketch
-        if self.nonfinite == "ignore" and keeps_memory:
+        if self.nonfinite == "ignore" and self.config.keeps_memory:
             raise ValueError(
                 f"{owner}(nonfinite='ignore') with a GradScaler (precision='16-mixed'): the scaler's routine "
                 "overflow steps would put Inf into the error-feedback memory, which never recovers; use "
@@ -461,178 +509,48 @@ class CompressionState:
     def loss_scale(self, device: torch.device | None) -> Tensor | None:
         """The scaler's current loss scale as a device tensor (no host sync), or ``None``.
 
-        Read from ``GradScaler._scale``: the public ``get_scale()`` returns a Python float, a
-        device sync per step. The scale exists once ``scaler.scale(loss)`` ran, before backward.
-        A torch without that attribute gets ``get_scale()``: correct, at one host sync per step.
+        Read from ``GradScaler._scale`` (:func:`~lightning_compress._compat.grad_scaler_scale`):
+        the public ``get_scale()`` returns a Python float, a device sync per step. The scale
+        exists once ``scaler.scale(loss)`` ran, before backward.
         """
         if not self.loss_scaled:
             return None
-        if not hasattr(self.scaler, "_scale"):
-            return torch.tensor(float(self.scaler.get_scale()), dtype=torch.float32, device=device)
-        scale = self.scaler._scale
-        if not isinstance(scale, Tensor):
+        scale = grad_scaler_scale(self.scaler)
+        if scale is None:
             return None  # nothing scaled yet
         return scale.to(device=device, dtype=torch.float32) if device is not None else scale
 
-    def _compressed_average(self, grad: Tensor, layout: tuple[tuple[str, int], ...]) -> Tensor:
-        self._ensure_layouts(layout, self._dense_layout, grad.device)
-        generator = self._rng(grad.device)
-        if getattr(self.compressor, "per_layer", False):
-            # per-layer selection needs the parameters' sizes in the fused vector (same on every rank)
-            self.compressor.segments = tuple(numel for _, numel in layout)  # type: ignore[attr-defined]
-        if self.uses_sketch or self.momentum > 0.0:
-            return self._momentum_average(grad, generator)
-        if self.error_feedback:
-            p = self.memory.compensate(_COMPRESSED, grad)
-            result = exchange(self.compressor, p, self.process_group, self.ledger, generator, want_local=True)
-            assert result.local is not None
-            self.memory.update(_COMPRESSED, p, result.local)
-            return result.average
-        return exchange(self.compressor, grad, self.process_group, self.ledger, generator).average
+    # -- per-parameter memories and state ----------------------------------------------------
+    def _lay_out(self, compressed: Layout, dense: Layout, device: torch.device) -> None:
+        """Lay the memories out for this step's layouts (bucket rebuild, end of warm-up, resume)."""
+        if not self.apply_restored(compressed, dense, device):
+            self.exchange_memory.relayout(compressed, dense, device)
 
-    def _momentum_average(self, grad: Tensor, generator: torch.Generator) -> Tensor:
-        """Momentum-corrected sparse exchange: DGC (arXiv 1712.01887) and Sketched SGD (arXiv 1903.04488).
-
-        1. ``u ← m·u + g`` (momentum correction, arXiv 1712.01887 Eq. 5; Alg. 1 line 4 of
-           arXiv 1903.04488). Computed as ``(m·u) + g``, the operations of ``torch.optim.SGD``,
-           so that with ``k = d`` the result is bit for bit the optimizer's momentum buffer.
-        2. ``v ← v + u`` (local accumulation, arXiv 1712.01887 Eq. 6; Alg. 1 line 5).
-        3. Exchange the top ``k`` of ``v`` (Top-K of this rank's ``v`` gathered from every rank,
-           or the count sketch's two rounds).
-        4. ``v ← v - sent`` (zero at the sent coordinates; with float16 values the rounding
-           error stays in ``v``, so ``sum(sent) + v == sum(u)`` holds exactly).
-        5. Factor masking (arXiv 1712.01887 Sec. 3.2; Alg. 1 line 11): ``u ← 0`` at the sent
-           coordinates, when ``momentum_masking``.
-        """
-        # 1. u ← m·u + g; with momentum 0 (a count sketch without momentum) u is g itself
-        u = self.velocity.residuals.get(_COMPRESSED)
-        if self.momentum == 0.0:
-            u = grad.to(torch.float32)
-        elif u is None:
-            u = grad.to(torch.float32, copy=True)  # m·0 + g
-            self.velocity.residuals[_COMPRESSED] = u
-        else:
-            u.mul_(self.momentum).add_(grad)
-        # 2. v ← v + u (a new tensor: u is kept apart)
-        v = self.memory.compensate(_COMPRESSED, u)
-        # 3.-4. exchange the top k of v, then remove what was sent from v
-        sent: Tensor
-        if self.uses_sketch:
-            result = exchange(self.compressor, v, self.process_group, self.ledger, generator)
-            assert result.applied is not None
-            sent = result.applied  # the k coordinates' indices
-            v.index_fill_(0, sent, 0.0)
-        else:
-            result = exchange(self.compressor, v, self.process_group, self.ledger, generator, want_local=True)
-            assert result.local is not None
-            v.sub_(result.local)
-            # a selected coordinate whose v is exactly 0 carries nothing; DGC's mask |v| > thr skips it too
-            sent = result.local != 0
-        self.memory.residuals[_COMPRESSED] = v
-        # 5. factor masking: the momentum of what was just sent must not be applied again
-        if self.momentum_masking and self.momentum > 0.0:
-            # masked_fill_/index_fill_, not u[sent] = 0: a boolean-mask assignment syncs with the host
-            if sent.dtype == torch.bool:
-                u.masked_fill_(sent, 0.0)
-            else:
-                u.index_fill_(0, sent, 0.0)
-        return result.average
-
-    def _dense_momentum(self, grad: Tensor) -> Tensor:
-        """``u ← m·u + g`` for the tensors sent dense (new tensor; the caller stores it)."""
-        u = self.velocity.residuals.get(_DENSE)
-        if u is None:
-            return grad
-        return u.mul(self.momentum).add_(grad)
-
-    # -- per-parameter memories --------------------------------------------------------------
-    def _ensure_layouts(
-        self,
-        compressed: tuple[tuple[str, int], ...],
-        dense: tuple[tuple[str, int], ...],
-        device: torch.device,
+    def _load_state(
+        self, state: dict[str, Any], compressed: Layout, dense: Layout, device: torch.device
     ) -> None:
-        """Re-lay out the flat memories for new layouts (bucket rebuild, end of warm-up, resume).
+        # the restored per-parameter memories replace the (reset) ones, laid out for this step
+        pools = {kind: dict(state.get(kind, {})) for kind in ExchangeMemory.KINDS}
+        self.exchange_memory.relayout(compressed, dense, device, pools=pools)
 
-        The memories are flat tensors over the fused vectors (``v`` and ``u`` of the compressed
-        part, ``u`` of the dense part), for speed; per parameter name is how they move between
-        layouts and into checkpoints. A parameter that is in neither layout now (its ``v`` once
-        it travels dense) keeps its memory aside and gets it back when it returns.
-        """
-        if compressed == self._layout and dense == self._dense_layout:
-            return
-        pools = self._pools(consume_stash=True)
-        self._layout, self._dense_layout = compressed, dense
-        self._orphans = {"residuals": {}, "momentum": {}}
-        for kind, memory in (("residuals", self.memory), ("momentum", self.velocity)):
-            memory.reset()
-            pool = pools[kind]
-            placed: set[str] = set()
-            for key, layout in ((_COMPRESSED, compressed), (_DENSE, dense)):
-                if kind == "residuals" and key == _DENSE:
-                    continue  # what travels dense is sent whole: it has no v
-                flat = self._join(pool, layout, device, kind)
-                if flat is not None:
-                    memory.residuals[key] = flat
-                placed.update(name for name, _ in layout)
-            self._orphans[kind] = {name: t for name, t in pool.items() if name not in placed}
-
-    def _pools(self, consume_stash: bool) -> dict[str, dict[str, Tensor]]:
-        """Every per-parameter memory by kind (``"residuals"``: v, ``"momentum"``: u) and name."""
-        pools = {kind: dict(self._orphans.get(kind, {})) for kind in ("residuals", "momentum")}
-        for kind, memory in (("residuals", self.memory), ("momentum", self.velocity)):
-            for key, layout in ((_COMPRESSED, self._layout), (_DENSE, self._dense_layout)):
-                pools[kind].update(self._split(memory.residuals.get(key), layout))
-        if self._stash is not None:
-            for kind in pools:
-                if kind in self._stash:  # a restored checkpoint replaces the (reset) memories
-                    pools[kind] = dict(self._stash.pop(kind) if consume_stash else self._stash[kind])
-        return pools
-
-    @staticmethod
-    def _join(
-        pool: dict[str, Tensor], layout: tuple[tuple[str, int], ...], device: torch.device, kind: str
-    ) -> Tensor | None:
-        """One flat float32 tensor over ``layout`` from per-name tensors (None if none is held)."""
-        if not any(name in pool for name, _ in layout):
-            return None  # created lazily, like ErrorFeedback's
-        parts = []
-        for name, numel in layout:
-            t = pool.get(name)
-            if t is None or t.numel() != numel:
-                if t is not None:
-                    log.warning("CompressionState: dropping the saved %s of %r: its size changed", kind, name)
-                t = torch.zeros(numel, dtype=torch.float32, device=device)
-            parts.append(t.reshape(-1).to(device=device, dtype=torch.float32))
-        return torch.cat(parts)
-
-    @staticmethod
-    def _split(flat: Tensor | None, layout: tuple[tuple[str, int], ...]) -> dict[str, Tensor]:
-        if flat is None or not layout:
-            return {}
-        return dict(zip([n for n, _ in layout], flat.split([m for _, m in layout]), strict=True))
-
-    # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """This rank's state: v and u per parameter name, counters, RNG, ledger."""
-        pools = self._pools(consume_stash=False)
-        state: dict[str, Any] = {
-            "step": self.step,
-            "skipped_steps": self.skipped_steps,
-            "last_grad_norm": self.last_grad_norm,
-            "ledger": self.ledger.state_dict(),
-            "residuals": {k: v.clone() for k, v in pools["residuals"].items()},
-            "momentum": {k: v.clone() for k, v in pools["momentum"].items()},
-            "compressor": self.compressor.meta(),
-        }
-        if self._generator is not None:  # a CPU or a CUDA generator: resume draws the same
-            state["generator"] = self._generator.get_state()
-        elif self._stash is not None and "generator" in self._stash:  # restored, not drawn from yet
-            state["generator"] = self._stash["generator"]
+        pools = self.exchange_memory.by_name()
+        pending = self.__dict__.get("_restored") or {}  # restored, not laid out yet
+        state: dict[str, Any] = super().state_dict()
+        state.update(
+            ledger=self.ledger.state_dict(),
+            residuals=detached_copy(pending.get("residuals", pools["residuals"])),
+            momentum=detached_copy(pending.get("momentum", pools["momentum"])),
+            compressor=self.compressor.meta(),
+        )
+        generator = self.rng.state()  # a CPU or a CUDA generator: resume draws the same
+        if generator is not None:
+            state["generator"] = generator
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; per-parameter memories are applied at the next exchange."""
+        """Restore :meth:`state_dict`; per-parameter memories are laid out at the next exchange."""
         missing = {"step", "ledger", "residuals"} - set(state)
         if missing:
             raise ValueError(
@@ -642,70 +560,11 @@ class CompressionState:
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.last_grad_norm = state.get("last_grad_norm")
         self.ledger.load_state_dict(state["ledger"])
-        self._stash = {"residuals": dict(state["residuals"]), "momentum": dict(state.get("momentum", {}))}
-        if "generator" in state:
-            self._stash["generator"] = state["generator"]
-        self._layout = ()
-        self._dense_layout = ()
-        self._orphans = {"residuals": {}, "momentum": {}}
-        self._generator = None
-        self.memory.reset()
-        self.velocity.reset()
-
-    def __getstate__(self) -> dict[str, Any]:
-        # spawn pickles the strategy into its children: no process group, futures or generator
-        d = self.__dict__.copy()
-        d["process_group"] = None
-        d["_pending"], d["_inflight"] = [], []
-        d["_generator"] = None
-        d["scaler"] = None  # set again by the strategy in each process
-        return d
-
-
-def resolve_momentum(compressor: Compressor, momentum: Any, sketch_momentum: Any = None) -> float:
-    """Validate ``momentum`` (and its deprecated alias ``sketch_momentum``) for ``compressor``.
-
-    Raises:
-        ValueError: naming the parameter, for a value outside [0, 1), for both names with
-            different values, for ``momentum > 0`` with a codec other than Top-K or a count
-            sketch, and for ``sketch_momentum > 0`` with a codec other than a count sketch.
-
-    """
-    value = _check_momentum("momentum", momentum)
-    sketch = compressor.exchange == "sketch"
-    if sketch_momentum is not None:
-        alias = _check_momentum("sketch_momentum", sketch_momentum)
-        warnings.warn(
-            "sketch_momentum is deprecated: pass momentum= instead (the same Sketched SGD momentum for a "
-            "CountSketch, and momentum correction for TopK)",
-            FutureWarning,
-            stacklevel=3,
+        self.exchange_memory.reset()
+        self.rng.load(state.get("generator"))
+        super().load_state_dict(
+            {"residuals": dict(state["residuals"]), "momentum": dict(state.get("momentum", {}))}
         )
-        if value and alias != value:
-            raise ValueError(
-                f"momentum={value} and sketch_momentum={alias} disagree; pass momentum only "
-                "(sketch_momentum is its deprecated alias)"
-            )
-        if alias and not sketch:
-            raise ValueError(
-                f"sketch_momentum={alias} applies to a CountSketch only, and the compressor is "
-                f"{type(compressor).__name__}; for Top-K use momentum={alias} (momentum correction), "
-                "otherwise keep the optimizer's momentum"
-            )
-        value = value or alias
-    if value and not sketch and compressor.exchange != "allgather":
-        raise ValueError(
-            f"momentum={value} (momentum correction, applied in the exchange) works with TopK and "
-            f"CountSketch only, not {type(compressor).__name__}; set momentum=0 and keep the "
-            "optimizer's own momentum"
-        )
-    return value
-
-
-def _check_momentum(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not 0.0 <= float(value) < 1.0:
-        raise ValueError(f"{name} must be a float in [0, 1), got {value!r}")
-    return float(value)
 
 
 def compressed_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:

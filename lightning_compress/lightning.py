@@ -20,10 +20,12 @@ from __future__ import annotations
 
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
-from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 
+from lightning_compress._compat import multiprocessing_launcher
 from lightning_compress.callback import CommunicationMonitorMixin
 from lightning_compress.strategy import CompressedDDPMixin, ReturnsCompressionState
+
+_MultiProcessingLauncher = multiprocessing_launcher("lightning.pytorch")
 
 
 class _SpawnLauncher(ReturnsCompressionState, _MultiProcessingLauncher):

@@ -27,22 +27,28 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
-from lightning_fabric.strategies.registry import _StrategyRegistry
-from lightning_fabric.utilities.types import _PATH
 from lightning_utilities.core.apply_func import apply_to_collection
 from lightning_utilities.core.rank_zero import rank_zero_warn
 from pytorch_lightning.strategies import DDPStrategy
-from pytorch_lightning.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_compress._compat import (
+    _PATH,
+    _StrategyRegistry,
+    check_strategy_overrides,
+    multiprocessing_launcher,
+    set_strategy_launcher,
+    strategy_launcher,
+    strategy_start_method,
+)
 from lightning_compress.checkpoint_schema import validate_entry
 from lightning_compress.compressors import Compressor
 from lightning_compress.fingerprint import check_settings_agree, settings_of
 from lightning_compress.hooks import CompressionState, register_compression_hook
-from lightning_compress.sync.base import SyncSchedule
+from lightning_compress.sync.base import SyncContext, SyncSchedule
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -154,7 +160,6 @@ class CompressedDDPMixin:
         super().__init__(**kwargs)
         #: optimizer steps taken (identical on every rank; checkpointed)
         self.optimizer_steps = 0
-        self._restored: dict[str, Any] | None = None
         #: a gloo group for gathering checkpoint state on CPU when the default group is not gloo
         self._cpu_group: Any = None
 
@@ -193,6 +198,8 @@ class CompressedDDPMixin:
     # -- wiring ------------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer) -> None:
+        # a Lightning that renamed the private methods overridden here would never call them
+        check_strategy_overrides(type(self))
         # every rank, before DDP's own collectives: settings that differ fail here, by name
         check_settings_agree(settings_of(self), what="CompressedDDP")
         super().setup(trainer)
@@ -237,6 +244,7 @@ class CompressedDDPMixin:
         log.debug(f"{self.__class__.__name__}: registering the compression hook on {self.root_device}")
         assert self.model is not None
         self.comm_state.process_group = None
+        self.comm_state.closes_steps = False  # optimizer_step closes the ledger's step
         if self.world_size > 1:
             register_compression_hook(self.model, self.comm_state)  # type: ignore[arg-type]
         else:
@@ -245,16 +253,31 @@ class CompressedDDPMixin:
                 "CompressedDDP runs on a single process (world size 1): there is no gradient exchange, so "
                 f"the codec ({self.compressor!r}) is skipped and gradients stay exact; nothing is counted"
             )
-        self._apply_restored()
-        self.sync.setup(self)
+        self.sync.setup(self.sync_context)
+
+    @property
+    def sync_context(self) -> SyncContext:
+        """What the schedule sees of this run (see :class:`~lightning_compress.sync.SyncContext`)."""
+        assert self.lightning_module is not None
+        return SyncContext(
+            comm=self.comm_state,
+            module=self.lightning_module,
+            model=self.model,
+            rank=self.global_rank,
+            world_size=self.world_size,
+            trainer=self.lightning_module.trainer,
+            scaler=getattr(self.precision_plugin, "scaler", None),
+            _optimizers=lambda: self.optimizers,
+            _steps_done=lambda: self.optimizer_steps,
+        )
 
     @override
     def _configure_launcher(self) -> None:
         super()._configure_launcher()
-        launcher = self._launcher
+        launcher = strategy_launcher(self)
         if launcher is not None and hasattr(launcher, "update_main_process_results"):
             # spawn: bring rank 0's ledger and step count back to the main process with the weights
-            self._launcher = self._spawn_launcher(self, start_method=self._start_method)
+            set_strategy_launcher(self, self._spawn_launcher(self, start_method=strategy_start_method(self)))
 
     def _main_process_state(self) -> dict[str, Any]:
         return {
@@ -287,6 +310,7 @@ class CompressedDDPMixin:
         **kwargs: Any,
     ) -> Any:
         step = self.optimizer_steps
+        ctx = self.sync_context
         module = self.lightning_module
         if module is None or module.automatic_optimization:
             # the closure below runs this step's backward (or a backup worker skips it); in manual
@@ -295,13 +319,15 @@ class CompressedDDPMixin:
 
         def run_closure() -> Any:
             # the schedule runs forward/backward and may replace the gradients (backup workers)
-            result = self.sync.run_closure(self, optimizer, closure, step)
+            result = self.sync.run_closure(ctx, optimizer, closure, step)
             if self.comm_state.last_step_skipped:
                 self._skip_step(optimizer)
             return result
 
         output = super().optimizer_step(optimizer, run_closure, model, **kwargs)
-        self.sync.after_optimizer_step(self, optimizer, self.optimizer_steps)
+        self.sync.after_optimizer_step(ctx, optimizer, self.optimizer_steps)
+        if self.world_size > 1:  # one ledger step per optimizer step, whoever communicated in it
+            self.comm_state.close_step(owner=True)
         self.optimizer_steps += 1
         return output
 
@@ -323,13 +349,13 @@ class CompressedDDPMixin:
 
     @override
     def on_train_end(self) -> None:
-        self.sync.on_train_end(self)
+        self.sync.on_train_end(self.sync_context)
         super().on_train_end()
 
     # -- checkpointing -----------------------------------------------------------------------
     def compression_state_dict(self) -> dict[str, Any]:
         """This rank's state: the hook's memories and counters, and the schedule's state."""
-        self.sync.before_save(self)
+        self.sync.before_save(self.sync_context)
         return _to_cpu(
             {
                 "comm": self.comm_state.state_dict(),
@@ -362,14 +388,17 @@ class CompressedDDPMixin:
         return checkpoint
 
     def restore_compression_state(self, checkpoint: dict[str, Any]) -> None:
-        """Take this rank's compression state from a checkpoint dict (applied once wrapped)."""
+        """Take this rank's compression state from a checkpoint dict.
+
+        Counters apply now; the exchange's memories and the schedule's state are stashed by their
+        own ``load_state_dict`` and applied once the model is wrapped (declared state).
+        """
         entry = checkpoint.get(CHECKPOINT_KEY)
         if entry is None:
             rank_zero_warn(
                 "CompressedDDP: the checkpoint holds no compression state (saved by another strategy?); "
                 "error-feedback memory and schedule state start fresh"
             )
-            self._restored = None
             return
         # every rank checks every rank's part: all raise the same error together, no collective
         validate_entry(entry)
@@ -378,14 +407,9 @@ class CompressedDDPMixin:
                 f"CompressedDDP: the checkpoint was saved by {entry['world_size']} ranks, this run has "
                 f"{self.world_size}; per-rank error-feedback memory starts fresh"
             )
-            self._restored = {"optimizer_steps": entry["ranks"][0]["optimizer_steps"]}
+            self.optimizer_steps = int(entry["ranks"][0]["optimizer_steps"])
             return
-        self._restored = entry["ranks"][self.global_rank]
-
-    def _apply_restored(self) -> None:
-        restored, self._restored = self._restored, None
-        if restored is None:
-            return
+        restored = entry["ranks"][self.global_rank]
         self.optimizer_steps = int(restored["optimizer_steps"])
         if "comm" in restored:
             self.comm_state.load_state_dict(restored["comm"])
@@ -413,7 +437,7 @@ class ReturnsCompressionState:
             trainer.strategy._load_main_process_state(extra[CHECKPOINT_KEY])
 
 
-class _SpawnLauncher(ReturnsCompressionState, _MultiProcessingLauncher):
+class _SpawnLauncher(ReturnsCompressionState, multiprocessing_launcher("pytorch_lightning")):  # type: ignore[misc]
     pass
 
 

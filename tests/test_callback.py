@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import csv
-import math
 import os
+import pickle
 
 import pytest
 import torch
+import torch.distributed as dist
 from launch import run_distributed
 from lightning_ns import CommunicationMonitor, CompressedDDP, CSVLogger, pl
 from models import ToyClassifier, flat_params, teacher_dataset, trainer_kwargs
@@ -16,8 +17,13 @@ from torch.utils.data import DataLoader
 from lightning_compress.compressors import QSGD, NoCompression, TopK
 from lightning_compress.policies import AdaptiveTopKPolicy, DQPolicy
 
-METRICS = ("comm/bits_sent", "comm/bits_sent_total", "comm/compression_ratio", "comm/bits_per_coord",
-           "comm/wire_bits")
+METRICS = (
+    "comm/bits_sent",
+    "comm/bits_sent_total",
+    "comm/compression_ratio",
+    "comm/bits_per_coord",
+    "comm/wire_bits",
+)
 HIDDEN = 256  # 71k parameters: the dense small tensors (biases) are 0.7 % of the coordinates
 STEPS = 150
 BATCH = 8  # small batches: noisy gradient norms, so the bit width has something to follow
@@ -67,8 +73,9 @@ def _run(rank, world_size, config, log_dir=None):
     """Fit one configuration; returns params, accuracy, ledger, policy records and CSV rows (rank 0)."""
     pl.seed_everything(0, verbose=False)
     model_cls = RankDataClassifier if config.get("rank_data") else ToyClassifier
-    model = model_cls(hidden=config.get("hidden", HIDDEN), n=config.get("n", 2048),
-                      batch_size=config.get("batch", BATCH))
+    model = model_cls(
+        hidden=config.get("hidden", HIDDEN), n=config.get("n", 2048), batch_size=config.get("batch", BATCH)
+    )
     policy = config.get("policy")
     policy = policy() if policy is not None else None
     callbacks = []
@@ -81,8 +88,11 @@ def _run(rank, world_size, config, log_dir=None):
         overrides.update(logger=CSVLogger(log_dir, name="csv", version=0), log_every_n_steps=1)
     trainer = pl.Trainer(**trainer_kwargs(world_size, **overrides))
     trainer.fit(model)
-    out = {"params": flat_params(model), "acc": model.accuracy(),
-           "sizes": [p.numel() for p in model.parameters()]}
+    out = {
+        "params": flat_params(model),
+        "acc": model.accuracy(),
+        "sizes": [p.numel() for p in model.parameters()],
+    }
     if callbacks:
         monitor = callbacks[0]
         out["ledger"] = monitor.comm_state.ledger.state_dict()
@@ -220,8 +230,11 @@ def test_summary_under_a_local_schedule_compares_with_ddp_for_the_same_steps():
     # 12 optimizer steps, an exchange every 4th: DDP would have allreduced every step
     res = run_distributed(_run, 2, {"strategy": slowmo_period_4, "steps": 12, "hidden": 32})
     params = sum(res[0]["sizes"])
-    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:4]]
-            for line in res[0]["table"].splitlines() if line.count("│") == 4}
+    rows = {
+        line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:4]]
+        for line in res[0]["table"].splitlines()
+        if line.count("│") == 4
+    }
     assert rows["optimizer steps"] == ["12", "12"]
     assert rows["exchanges (gradients or models)"] == ["3", "12"]
     ddp_bytes = 12 * 4 * params  # float32, every step: handed == on the wire with 2 ranks
@@ -256,8 +269,14 @@ def test_stock_ddp_with_policy_compresses_and_trains(policy, min_ratio, ddp_base
 )
 def test_decisions_identical_on_every_rank_with_rank_specific_data(strategy, policy, accumulate):
     steps = 120
-    config = {"strategy": strategy, "policy": policy, "rank_data": True, "steps": steps, "hidden": 128,
-              "trainer": {"use_distributed_sampler": False, "accumulate_grad_batches": accumulate}}
+    config = {
+        "strategy": strategy,
+        "policy": policy,
+        "rank_data": True,
+        "steps": steps,
+        "hidden": 128,
+        "trainer": {"use_distributed_sampler": False, "accumulate_grad_batches": accumulate},
+    }
     r0, r1 = run_distributed(_run, 2, config)
     # one decision per optimizer step, also when several backward passes make one step
     assert len(r0["records"]) == r0["ledger_steps"] == steps
@@ -268,8 +287,15 @@ def test_decisions_identical_on_every_rank_with_rank_specific_data(strategy, pol
 
 
 def test_epoch_interval_logs_epoch_totals(tmp_path):
-    config = {"strategy": plain_ddp, "hidden": 64, "n": 256, "batch": 32, "steps": -1,
-              "trainer": {"max_epochs": 2}, "monitor_kwargs": {"logging_interval": "epoch"}}
+    config = {
+        "strategy": plain_ddp,
+        "hidden": 64,
+        "n": 256,
+        "batch": 32,
+        "steps": -1,
+        "trainer": {"max_epochs": 2},
+        "monitor_kwargs": {"logging_interval": "epoch"},
+    }
     res = run_distributed(_run, 2, config, str(tmp_path))
     params = sum(res[0]["sizes"])
     rows = [row for row in res[0]["rows"] if "comm/bits_sent" in row]
@@ -286,8 +312,11 @@ def _resume(rank, world_size, ckpt_dir):
         model = ToyClassifier(n=1024, momentum=0.9)
         policy = DQPolicy(mean_bits=3.5, total_steps=32)  # the run length of the uninterrupted run
         monitor = CommunicationMonitor(policy=policy)
-        trainer = pl.Trainer(**trainer_kwargs(world_size, strategy=compressed_qsgd4(), max_epochs=epochs,
-                                              max_steps=-1, callbacks=[monitor]))
+        trainer = pl.Trainer(
+            **trainer_kwargs(
+                world_size, strategy=compressed_qsgd4(), max_epochs=epochs, max_steps=-1, callbacks=[monitor]
+            )
+        )
         trainer.fit(model, ckpt_path=ckpt_path)
         return trainer, model, policy, monitor
 
@@ -296,11 +325,15 @@ def _resume(rank, world_size, ckpt_dir):
     path = os.path.join(ckpt_dir, "half.ckpt")
     trainer.save_checkpoint(path)
     _, resumed, resumed_policy, resumed_monitor = fit(2, path)
-    return {"full": flat_params(full), "resumed": flat_params(resumed),
-            "full_policy": full_policy.state_dict(), "half_policy": half_policy.state_dict(),
-            "resumed_policy": resumed_policy.state_dict(),
-            "full_total": full_monitor.comm_state.ledger.total,
-            "resumed_total": resumed_monitor.comm_state.ledger.total}
+    return {
+        "full": flat_params(full),
+        "resumed": flat_params(resumed),
+        "full_policy": full_policy.state_dict(),
+        "half_policy": half_policy.state_dict(),
+        "resumed_policy": resumed_policy.state_dict(),
+        "full_total": full_monitor.comm_state.ledger.total,
+        "resumed_total": resumed_monitor.comm_state.ledger.total,
+    }
 
 
 def test_trainer_resume_equals_uninterrupted(tmp_path):
@@ -314,8 +347,16 @@ def test_trainer_resume_equals_uninterrupted(tmp_path):
 
 # -- set-up errors (no processes needed) ----------------------------------------------------
 def _trainer(strategy, monitor):
-    return pl.Trainer(accelerator="cpu", devices=1, strategy=strategy, callbacks=[monitor], logger=False,
-                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        strategy=strategy,
+        callbacks=[monitor],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
 
 
 def test_dq_policy_with_a_codec_without_bit_width_fails_at_setup():
@@ -366,10 +407,155 @@ def test_bad_arguments_fail_at_construction(kwargs, exc, match):
         CommunicationMonitor(**kwargs)
 
 
-def test_monitor_pickles_for_spawn():
-    import pickle
+# -- pickling for spawn, after use inside a real process group ----------------------------------
+_PROCESS_BOUND = (dist.ProcessGroup, torch.Generator, torch.futures.Future, dist.Work)
+_SNAPSHOT = {}  # per rank process: the monitor pickled in the middle of an exchange
 
+
+def _process_bound(root):
+    """Names of the process-bound types (group, generator, future, work) reachable from ``root``."""
+    found, seen, todo = set(), set(), [root]
+    while todo:
+        obj = todo.pop()
+        if obj is None or id(obj) in seen or isinstance(obj, (str, bytes, int, float, type, torch.Tensor)):
+            continue
+        seen.add(id(obj))
+        found.update(kind.__name__ for kind in _PROCESS_BOUND if isinstance(obj, kind))
+        if isinstance(obj, dict):
+            todo.extend(obj.values())
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            todo.extend(obj)
+        attrs = getattr(obj, "__dict__", None)
+        if isinstance(attrs, dict):
+            todo.extend(attrs.values())
+    return found
+
+
+class PicklesMonitorMidBackward(ToyClassifier):
+    """At the third step, pickles the monitor from inside backward, while the exchange holds work."""
+
+    def on_train_start(self):
+        monitor = next(c for c in self.trainer.callbacks if isinstance(c, CommunicationMonitor))
+        # the exchange runs in a group of its own (one more process-bound object in the state)
+        monitor.comm_state.process_group = dist.new_group(backend="gloo")
+
+        def snapshot(grad):
+            # the first layer's gradient comes last in backward: DDP has handed the hook the
+            # later layers' buckets (one bucket per tensor), which the state holds as pending work
+            if self.global_step == 2 and not _SNAPSHOT:
+                _SNAPSHOT.update(blob=pickle.dumps(monitor), held=_process_bound(monitor))
+            return grad
+
+        self.net[0].weight.register_hook(snapshot)
+
+
+def _pickle_used_monitor(rank, world_size):
+    from lightning_ns import DDPStrategy
+
+    pl.seed_everything(0, verbose=False)
+    monitor = CommunicationMonitor(policy=DQPolicy(mean_bits=3.0), min_compression_size=256, summary=False)
+    trainer = pl.Trainer(
+        **trainer_kwargs(
+            world_size, strategy=DDPStrategy(bucket_cap_mb=0.005), max_steps=4, callbacks=[monitor]
+        )
+    )
+    trainer.fit(PicklesMonitorMidBackward(hidden=64, n=256))
+    clone = pickle.loads(_SNAPSHOT["blob"])
+    out = {
+        "held": _SNAPSHOT["held"],
+        "clone_holds": _process_bound(clone),
+        "mean_bits": clone.policy.mean_bits,
+        "same_state": clone.comm_state is clone._own_state,
+        "steps_at_pickle": clone.comm_state.ledger.steps,
+        "keys": sorted(clone.state_dict()),
+    }
+    # the clone still works: it installs its (carried) state on a new DDP model and goes on counting
+    model = ToyClassifier(hidden=64, n=256)
+    trainer = pl.Trainer(**trainer_kwargs(world_size, strategy="ddp", max_steps=3, callbacks=[clone]))
+    trainer.fit(model)
+    out.update(
+        steps_after=clone.comm_state.ledger.steps,
+        bits=clone.comm_state.ledger.last.bits_sent,
+        params=flat_params(model),
+        table="mean bit width" in _render(clone.summary_table()),
+    )
+    return out
+
+
+def _render(table):
+    from rich.console import Console
+
+    console = Console(record=True, width=160)
+    console.print(table)
+    return console.export_text()
+
+
+def test_monitor_pickles_for_spawn_without_process_bound_state():
+    r0, r1 = run_distributed(_pickle_used_monitor, 2)
+    for r in (r0, r1):
+        # the original held a group, a generator and pending work when pickled: the test can fail
+        assert {"ProcessGroup", "Generator", "Future"} <= r["held"], r["held"]
+        assert r["clone_holds"] == set(), r["clone_holds"]
+        assert r["mean_bits"] == 3.0 and r["same_state"]
+        assert r["keys"] == ["comm", "policy", "samples", "setting_count", "setting_sum", "version"]
+        assert r["steps_after"] == r["steps_at_pickle"] + 3 and r["bits"] > 0 and r["table"]
+    assert torch.equal(r0["params"], r1["params"])
+
+
+# -- the parts the monitor wires, on one process ---------------------------------------------
+def test_step_metrics_are_a_pure_function_of_the_ledger():
+    from lightning_compress.comm.ledger import BitLedger
+    from lightning_compress.metrics import record_between, step_metrics
+
+    ledger = BitLedger()
+    for payload in (100, 40):
+        ledger.record(payload, 2.0 * payload)
+        ledger.record_coords(200, payload, world_size=2)
+        ledger.end_step()
+    start = BitLedger().total
+    metrics = step_metrics(ledger.last, ledger.total, ("comm/bit_width", 3.0), grad_norm=0.5)
+    assert metrics == {
+        "comm/bits_sent": 320.0,
+        "comm/bits_sent_total": 1120.0,
+        "comm/wire_bits": 640.0,
+        "comm/compression_ratio": ledger.last.dense_wire_bytes / 80.0,
+        "comm/bits_per_coord": 320 / 200,
+        "comm/bit_width": 3.0,
+        "comm/grad_norm": 0.5,
+    }
+    # no setting (warm-up, local step): no setting and no norm
+    assert set(step_metrics(ledger.last, ledger.total, None, grad_norm=0.5)) == set(METRICS)
+    epoch = record_between(start, ledger.total)
+    assert epoch == ledger.total and step_metrics(epoch, ledger.total)["comm/bits_sent"] == 1120.0
+
+
+def test_policy_driver_names_the_setting_by_policy_metric():
+    from lightning_compress.policies.driver import PolicyDriver
+
+    class RenamedDQ(DQPolicy):
+        metric = "comm/my_bits"
+
+    assert PolicyDriver(RenamedDQ()).setting(QSGD(bits=5), 1000) == ("comm/my_bits", 5.0)
+    assert PolicyDriver(AdaptiveTopKPolicy()).setting(TopK(k=7), 1000) == ("comm/topk_k", 7.0)
+    assert PolicyDriver(None).setting(QSGD(bits=4), 1000) == ("comm/bit_width", 4.0)
+    assert PolicyDriver(None).setting(NoCompression(), 1000) is None
+    monitor = CommunicationMonitor(policy=RenamedDQ())
+    assert monitor.policy.metric == "comm/my_bits"
+
+
+def test_monitor_state_loads_old_checkpoint_keys():
     monitor = CommunicationMonitor(policy=DQPolicy(mean_bits=3.0))
-    clone = pickle.loads(pickle.dumps(monitor))
-    assert clone.policy.mean_bits == 3.0
-    assert math.isclose(clone.policy.trend_window, 0.25)
+    saved = {
+        "version": 1,
+        "policy": DQPolicy(mean_bits=3.0).state_dict(),
+        "samples": 64,
+        "setting_sum": 9.0,
+        "setting_count": 3,
+    }
+    monitor.load_state_dict(saved)
+    assert monitor.restore_pending and monitor.samples == 0  # stashed until the hook exists
+    monitor.apply_restored(None)
+    assert (monitor.samples, monitor.setting_sum, monitor.setting_count) == (64, 9.0, 3)
+    state = monitor.state_dict()
+    assert sorted(state) == ["policy", "samples", "setting_count", "setting_sum", "version"]
+    assert state["samples"] == 64 and state["version"] == 1

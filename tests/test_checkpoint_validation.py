@@ -136,13 +136,14 @@ def _load_everything(entry, factory) -> None:
         strategy.comm_state.load_state_dict(rank["comm"])
         # the per-parameter memories are read back at the first exchange: re-lay them out now
         names = [(n, p.numel()) for n, p in module.named_parameters()]
-        strategy.comm_state._ensure_layouts(tuple(names), (), torch.device("cpu"))
+        strategy.comm_state._lay_out(tuple(names), (), torch.device("cpu"))
         strategy.sync.load_state_dict(rank["sync"])
-        loaded = getattr(strategy.sync, "_loaded", None)
+        loaded = getattr(strategy.sync, "_restored", None)
         if loaded:  # PeriodicAveraging: applied in setup, once the model is wrapped
-            strategy.sync._bind(module, strategy)
+            ctx = SimpleNamespace(comm=strategy.comm_state, model=module, optimizers=[])
+            strategy.sync._bind(module, ctx)
             # False (start fresh, with a warning) when the layout is gone: allowed, not a crash
-            strategy.sync._restore(loaded, SimpleNamespace(comm_state=strategy.comm_state, model=module))
+            strategy.sync._restore(loaded, ctx)
 
 
 # -- every corruption names its field ---------------------------------------------------------

@@ -1,10 +1,7 @@
 """The compressing comm hook on a plain DistributedDataParallel model (no Lightning)."""
 
-import pickle
-
 import pytest
 import torch
-import torch.distributed as dist
 from launch import init_process_group, run_distributed
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -133,12 +130,6 @@ def test_plain_float_allreduce_finds_nonfinite_in_the_averages_and_skips_on_ever
     assert [r["skipped"] for r in out] == [False, False]
     for ours, stock in out[0]["grads"]:
         assert torch.equal(ours, stock)
-
-
-def test_state_pickles_without_process_group():
-    state = CompressionState(TopK(k=4), process_group=dist.group.WORLD if dist.is_initialized() else None)
-    clone = pickle.loads(pickle.dumps(state))
-    assert clone.process_group is None and isinstance(clone.compressor, TopK)
 
 
 def test_state_rejects_bad_arguments():

@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_compress.compressors import QSGD, CountSketch, NoCompression, TopK
+from lightning_compress.exchange import compressed_average
 from lightning_compress.hooks import CompressionState, register_compression_hook
 from lightning_compress.sync import LocalSGD
 
@@ -89,7 +90,6 @@ def _trace(rank, world_size, codec, masking, steps):
     """Drive the exchange directly and record u, v and the averages around every step."""
     init_process_group(rank, world_size)
     d = 3000
-    layout = (("a", 1000), ("b", 2000))
     state = CompressionState(codec, momentum=M, momentum_masking=masking, min_compression_size=0)
     gen = torch.Generator().manual_seed(rank)
     added, averages, records = torch.zeros(d), torch.zeros(d), []
@@ -98,7 +98,15 @@ def _trace(rank, world_size, codec, masking, steps):
         u_old = state.velocity.residuals.get("compressed", torch.zeros(d)).clone()
         v_old = state.memory.residuals.get("compressed", torch.zeros(d)).clone()
         u_new = u_old * M + g
-        averages += state._compressed_average(g, layout)
+        averages += compressed_average(
+            g,
+            state.compressor,
+            state.config,
+            state.exchange_memory,
+            None,
+            state.ledger,
+            state.generator(g.device),
+        )
         added += u_new
         records.append(
             (

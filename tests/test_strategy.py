@@ -11,7 +11,6 @@ from lightning_ns import CompressedDDP, pl
 from models import ToyClassifier, flat_params, trainer_kwargs
 
 from lightning_compress.compressors import QSGD, CountSketch, NoCompression, TopK
-from lightning_compress.sync import SyncSchedule
 
 
 def _fit(rank, world_size, strategy_factory, steps, overrides=None):
@@ -218,11 +217,3 @@ def test_registered_by_name():
 def test_bad_arguments_fail_at_construction(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         CompressedDDP(**kwargs)
-
-
-def test_pickles_without_process_group():
-    import pickle
-
-    s = CompressedDDP(compressor=TopK(k=10), sync=SyncSchedule())
-    clone = pickle.loads(pickle.dumps(s))
-    assert isinstance(clone.compressor, TopK)

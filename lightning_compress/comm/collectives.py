@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_compress._compat import all_gather_single
 from lightning_compress.comm.ledger import (
     BitLedger,
     all_gather_wire_bytes,
@@ -32,8 +33,6 @@ from lightning_compress.comm.ledger import (
 from lightning_compress.compressors.base import Compressor
 
 ProcessGroup = dist.ProcessGroup
-# torch >= 2.10 names it all_gather_single and deprecates all_gather_into_tensor
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 @dataclass
@@ -157,7 +156,7 @@ def two_phase_allreduce(
 
     # 4. all-gather of the re-compressed shards, decoded identically on every rank
     gathered = torch.empty(world * reduced.numel(), dtype=torch.uint8, device=x.device)
-    _all_gather_single(gathered, reduced, group=group)
+    all_gather_single(gathered, reduced, group=group)
     if ledger is not None:
         ledger.record(reduced.numel(), all_gather_wire_bytes(reduced.numel(), world))
     step = reduced.numel()
@@ -198,7 +197,7 @@ def sparse_allgather(
     if ledger is not None:
         ledger.record_coords(n, payload.nbytes, world)
     gathered = torch.empty(world * send.numel(), dtype=torch.uint8, device=x.device)
-    _all_gather_single(gathered, send, group=group)
+    all_gather_single(gathered, send, group=group)
     if ledger is not None:
         ledger.record(send.numel(), all_gather_wire_bytes(send.numel(), world))
 

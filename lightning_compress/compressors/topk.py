@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_compress._compat import assert_async
 from lightning_compress.compressors.base import Compressor, Field, Payload, check_float_input, index_dtype
 
 __all__ = ["TopK", "segment_ks", "topk_indices"]
@@ -397,7 +398,7 @@ class TopK(Compressor):
             # sync; it fails the CUDA context (as the bad write could have, but with this message)
             # and surfaces at the next synchronizing call. torch._assert_async exists for CPU and
             # CUDA only, so other accelerators keep the synchronous check below.
-            torch._assert_async(out_of_range.logical_not(), message)
+            assert_async(out_of_range.logical_not(), message)
         elif bool(out_of_range):  # free on CPU: refuse with a clear, catchable error
             raise ValueError(message)
         return payload

@@ -49,28 +49,21 @@ import torch.distributed as dist
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 
+from lightning_compress._compat import foreach_norm
 from lightning_compress.comm.collectives import allreduce_mean, nonfinite_flag, write_flat_
 from lightning_compress.comm.ledger import BitLedger, allreduce_wire_bytes
-from lightning_compress.sync.base import SyncSchedule
+from lightning_compress.exchange import flatten
+from lightning_compress.sync.base import SyncContext, SyncSchedule
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from torch.optim import Optimizer
 
-    from lightning_compress.strategy import CompressedDDP
 
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
-
-
-# -- flat vectors ----------------------------------------------------------------------------
-def flatten(tensors: Sequence[Tensor]) -> Tensor:
-    """Concatenate ``tensors`` into one new flat float32 vector (empty if there are none)."""
-    if not tensors:
-        return torch.empty(0, dtype=torch.float32)
-    return torch.cat([t.detach().reshape(-1).to(torch.float32) for t in tensors])
 
 
 @torch.no_grad()
@@ -174,15 +167,16 @@ def _allreduce_sum(flat: Tensor, group: dist.ProcessGroup | None, ledger: BitLed
 def gradients_finite(params: Iterable[Tensor]) -> bool:
     """Whether every gradient of ``params`` is finite: one fused pass, one read to the host.
 
-    The fused pass is ``torch._foreach_norm`` (2-norm: a sum of squares keeps every NaN and Inf,
-    where a max may drop a NaN on some devices). It overflows for finite gradients above about
-    1e19, so a non-finite norm is confirmed exactly with :func:`nonfinite_flag` (the rare path).
+    The fused pass is ``torch._foreach_norm`` (2-norm, through ``_compat``: a sum of squares keeps
+    every NaN and Inf, where a max may drop a NaN on some devices). It overflows for finite
+    gradients above about 1e19, so a non-finite norm is confirmed exactly with
+    :func:`nonfinite_flag` (the rare path).
     """
     grads = [p.grad for p in params if p.grad is not None]
     grads = [g.coalesce().values() if g.is_sparse else g for g in grads]
     if not grads:
         return True
-    if bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()):
+    if bool(torch.stack(foreach_norm(grads)).isfinite().all()):
         return True
     return not bool(nonfinite_flag(grads, grads[0].device).item())
 
@@ -280,13 +274,15 @@ class PeriodicAveraging(SyncSchedule):
     def __init__(self, period: int, warmup_steps: int = 0) -> None:
         self.period = check_int("period", period, 1)
         self.warmup_steps = check_int("warmup_steps", warmup_steps, 0)
-        # bound in setup (not pickled)
-        self._params: list[Tensor] = []
-        self._buffers: list[Tensor] = []
         self._layout: list[tuple[str, int]] = []
-        self._loaded: dict[str, Any] | None = None
-        self._snapshot: dict[str, Any] = {}
-        self._opt_hook: Any = None
+        # bound in setup, to this process (not pickled for spawn)
+        self._params: list[Tensor]
+        self._buffers: list[Tensor]
+        self.add_transient("_params", factory=list)
+        self.add_transient("_buffers", factory=list)
+        #: what differs between ranks, taken by before_save for the next state_dict
+        self.add_transient("_snapshot", factory=dict)
+        self.add_transient("_opt_hook")
         #: ``nonfinite="raise"``: this rank had non-finite gradients at a local step that the
         #: other ranks have not heard of yet (they learn it in the next averaging collective)
         self._raise_pending = False
@@ -306,20 +302,20 @@ class PeriodicAveraging(SyncSchedule):
 
     # -- lifecycle ---------------------------------------------------------------------------
     def run_closure(
-        self, strategy: CompressedDDP, optimizer: Optimizer, closure: Callable[[], Any], step: int
+        self, ctx: SyncContext, optimizer: Optimizer, closure: Callable[[], Any], step: int
     ) -> Any:
         """Run the step; on a local step, check this rank's gradients (locally: no collective)."""
         result = closure()
         # under a GradScaler (float16 mixed precision) the scaler skips an overflowing local step
         # itself and backs off; dropping the gradients first would leave it no inf check to record
-        if not self.communicates(step) and _checks(strategy) and not strategy.comm_state.loss_scaled:
+        if not self.communicates(step) and _checks(ctx) and not ctx.comm.loss_scaled:
             params = [p for group in optimizer.param_groups for p in group["params"]]
             if not gradients_finite(params):
-                self._on_local_nonfinite(strategy, step)
+                self._on_local_nonfinite(ctx, step)
         return result
 
-    def _on_local_nonfinite(self, strategy: CompressedDDP, step: int) -> None:
-        comm = strategy.comm_state
+    def _on_local_nonfinite(self, ctx: SyncContext, step: int) -> None:
+        comm = ctx.comm
         # CompressedDDP drops the gradients: no update on this rank, nothing non-finite to average
         comm.last_step_skipped = True
         message = (f"{type(self).__name__}: non-finite gradients (NaN/Inf) on rank "
@@ -336,23 +332,23 @@ class PeriodicAveraging(SyncSchedule):
         log.warning("%s: step skipped on this rank only; a local step, so the other ranks are unaffected "
                     "and nothing non-finite reaches the next average", message)
 
-    def _contribution_flag(self, strategy: CompressedDDP, tensors: Sequence[Tensor] = ()) -> Tensor:
+    def _contribution_flag(self, ctx: SyncContext, tensors: Sequence[Tensor] = ()) -> Tensor:
         """Whether this rank must be left out of the next average, as a 1-element 0/1 device tensor.
 
         It must if ``tensors`` or its optimizer state hold NaN/Inf, or if it has a non-finite local
         step to report (``"raise"``).
         """
-        flag = nonfinite_flag(list(tensors) + optimizer_buffers(strategy.optimizers), self._device)
+        flag = nonfinite_flag(list(tensors) + optimizer_buffers(ctx.optimizers), self._device)
         if self._raise_pending:
             flag.fill_(1.0)
         self._raise_pending = False
         return flag
 
-    def _on_left_out(self, strategy: CompressedDDP, step: int, n_bad: int, mine: bool) -> None:
+    def _on_left_out(self, ctx: SyncContext, step: int, n_bad: int, mine: bool) -> None:
         """After an averaging collective that left ``n_bad`` ranks out (``mine``: this one)."""
         if n_bad == 0:
             return
-        comm = strategy.comm_state
+        comm = ctx.comm
         world = dist.get_world_size(comm.process_group)
         name = type(self).__name__
         if comm.nonfinite == "raise":
@@ -374,10 +370,10 @@ class PeriodicAveraging(SyncSchedule):
             log.warning("%s: rank %d was left out: its steps since the previous sync point are discarded and "
                         "its optimizer state restarts", name, dist.get_rank(comm.process_group))
 
-    def on_train_end(self, strategy: CompressedDDP) -> None:
+    def on_train_end(self, ctx: SyncContext) -> None:
         """With ``nonfinite="raise"``: report local steps after the last sync point (one float)."""
-        comm = strategy.comm_state
-        steps = strategy.optimizer_steps
+        comm = ctx.comm
+        steps = ctx.steps_done
         if comm.nonfinite != "raise" or not PeriodicAveraging.ranks_may_differ(self, steps):
             return
         flag = torch.tensor([float(self._raise_pending)], device=self._device)
@@ -392,13 +388,13 @@ class PeriodicAveraging(SyncSchedule):
                 "nonfinite='skip' to skip such steps instead"
             )
 
-    def setup(self, strategy: CompressedDDP) -> None:
+    def setup(self, ctx: SyncContext) -> None:
         """Bind the model's parameters and float buffers; restore a checkpoint or start fresh."""
-        module = strategy.lightning_module
+        module = ctx.module
         assert module is not None
         self._raise_pending = False
-        self._bind(module, strategy)
-        ddp = strategy.model
+        self._bind(module, ctx)
+        ddp = ctx.model
         if self._buffers and getattr(ddp, "broadcast_buffers", False):
             # DDP would broadcast rank 0's buffers at every forward: a collective on every local
             # step, which also overwrites each rank's local statistics. Buffers are averaged at
@@ -406,35 +402,31 @@ class PeriodicAveraging(SyncSchedule):
             log.info(f"{type(self).__name__}: turning off DDP's per-forward buffer broadcast; "
                      "float buffers are averaged at sync points")
             ddp.broadcast_buffers = False  # type: ignore[union-attr]
-        loaded, self._loaded = self._loaded, None
-        if loaded and self._restore(loaded, strategy):
-            return
-        self._init_state(strategy)
+        if not self.apply_restored(ctx):
+            self._init_state(ctx)
 
-    def after_optimizer_step(self, strategy: CompressedDDP, optimizer: Optimizer, step: int) -> None:
-        """Start the local phase at the end of the warm-up; sync at sync points; close the ledger step."""
+    def after_optimizer_step(self, ctx: SyncContext, optimizer: Optimizer, step: int) -> None:
+        """Start the local phase at the end of the warm-up; sync at sync points; record the baseline."""
         self._snapshot = {}
         if step < self.warmup_steps:
             if step == self.warmup_steps - 1:
-                self._init_state(strategy)  # replicas are identical now: the local phase starts here
-            return  # the hook exchanged gradients and closed the ledger step
+                self._init_state(ctx)  # replicas are identical now: the local phase starts here
+            return  # the hook exchanged gradients, which recorded the step's baseline
         if self.is_sync_step(step):
-            self._synchronize(strategy, optimizer, step)
-        # the hook did not exchange (communicates() was False) and so did not close the step.
-        # The baseline is what stock DDP would have sent in this step: one float32 allreduce of
-        # every trainable parameter's gradient, so the compression ratio shows the τ-fold saving.
-        ledger = strategy.comm_state.ledger
+            self._synchronize(ctx, optimizer, step)
+        # the hook did not exchange (communicates() was False). The baseline is what stock DDP
+        # would have sent in this step: one float32 allreduce of every trainable parameter's
+        # gradient, so the compression ratio shows the τ-fold saving. The strategy closes the step.
         numel = sum(p.numel() for p in self._params)
-        ledger.current.dense_wire_bytes = allreduce_wire_bytes(4 * numel, strategy.world_size)
-        ledger.end_step()
+        ctx.comm.ledger.current.dense_wire_bytes = allreduce_wire_bytes(4 * numel, ctx.world_size)
 
-    def before_save(self, strategy: CompressedDDP) -> None:
+    def before_save(self, ctx: SyncContext) -> None:
         """Keep what differs between ranks (local parameters, optimizer buffers) for the checkpoint."""
         snapshot: dict[str, Any] = {}
-        if self._params and self.ranks_may_differ(strategy.optimizer_steps):
+        if self._params and self.ranks_may_differ(ctx.steps_done):
             snapshot["local"] = flatten(self._params + self._buffers)
-        if strategy.optimizer_steps > self.warmup_steps and strategy.optimizers:
-            states = [_clone(opt.state_dict()["state"]) for opt in strategy.optimizers]
+        if ctx.steps_done > self.warmup_steps and ctx.optimizers:
+            states = [_clone(opt.state_dict()["state"]) for opt in ctx.optimizers]
             if any(states):
                 snapshot["optimizer_states"] = states
         self._snapshot = snapshot
@@ -447,17 +439,11 @@ class PeriodicAveraging(SyncSchedule):
         state.update(self._state_extra())
         return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Stash a :meth:`state_dict`; it is applied in :meth:`setup`, once the model is wrapped."""
-        if not isinstance(state, dict):
-            raise TypeError(f"{type(self).__name__} state must be a dict, got {type(state).__name__}")
-        self._loaded = dict(state) if state else None
-
     # -- subclass interface ------------------------------------------------------------------
-    def _init_state(self, strategy: CompressedDDP) -> None:
+    def _init_state(self, ctx: SyncContext) -> None:
         """Take the state of a fresh local phase from the (identical) model replicas."""
 
-    def _synchronize(self, strategy: CompressedDDP, optimizer: Optimizer, step: int) -> None:
+    def _synchronize(self, ctx: SyncContext, optimizer: Optimizer, step: int) -> None:
         raise NotImplementedError
 
     def _state_tensors(self) -> dict[str, Tensor | None]:
@@ -470,13 +456,13 @@ class PeriodicAveraging(SyncSchedule):
         """Restore the tensors of :meth:`_state_tensors` (on ``device``)."""
 
     # -- helpers -----------------------------------------------------------------------------
-    def _order(self, named: list[tuple[str, Tensor]], strategy: CompressedDDP) -> list[tuple[str, Tensor]]:
+    def _order(self, named: list[tuple[str, Tensor]], ctx: SyncContext) -> list[tuple[str, Tensor]]:
         """Order the parameters of every flat vector (model order; subclasses may regroup)."""
         return named
 
-    def _bind(self, module: nn.Module, strategy: CompressedDDP) -> None:
+    def _bind(self, module: nn.Module, ctx: SyncContext) -> None:
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-        named = self._order(named, strategy)
+        named = self._order(named, ctx)
         buffers = [(n, b) for n, b in module.named_buffers() if b.is_floating_point()]
         self._params = [p for _, p in named]
         self._buffers = [b for _, b in buffers]
@@ -486,7 +472,13 @@ class PeriodicAveraging(SyncSchedule):
     def _device(self) -> torch.device:
         return self._params[0].device if self._params else torch.device("cpu")
 
-    def _restore(self, state: dict[str, Any], strategy: CompressedDDP) -> bool:
+    def apply_restored(self, ctx: SyncContext) -> bool:  # type: ignore[override]
+        """Apply a loaded :meth:`state_dict` (stashed by ``load_state_dict``); whether it fit this model."""
+        state = self.__dict__.get("_restored")
+        self._restored = None
+        return bool(state) and self._restore(state, ctx)
+
+    def _restore(self, state: dict[str, Any], ctx: SyncContext) -> bool:
         layout = [tuple(x) for x in state.get("layout", [])]
         if not layout:
             return False
@@ -504,19 +496,10 @@ class PeriodicAveraging(SyncSchedule):
         if states:
             # Lightning restores rank 0's optimizer state after setup; this rank's buffers are put
             # back just before the first forward of the resumed run.
-            self._opt_hook = strategy.model.register_forward_pre_hook(  # type: ignore[union-attr]
-                _OptimizerRestore(self, strategy, states)
+            self._opt_hook = ctx.model.register_forward_pre_hook(  # type: ignore[union-attr]
+                _OptimizerRestore(self, ctx, states)
             )
         return True
-
-    def __getstate__(self) -> dict[str, Any]:
-        # spawn pickles the strategy into its children: no bound tensors, hooks or pending work
-        d = self.__dict__.copy()
-        d["_params"] = []
-        d["_buffers"] = []
-        d["_snapshot"] = {}
-        d["_opt_hook"] = None
-        return d
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(period={self.period}, warmup_steps={self.warmup_steps})"
@@ -525,16 +508,16 @@ class PeriodicAveraging(SyncSchedule):
 class _OptimizerRestore:
     """Forward pre-hook that loads this rank's saved optimizer state once, then removes itself."""
 
-    def __init__(self, schedule: PeriodicAveraging, strategy: CompressedDDP, states: list[dict]) -> None:
+    def __init__(self, schedule: PeriodicAveraging, ctx: SyncContext, states: list[dict]) -> None:
         self.schedule = schedule
-        self.strategy = strategy
+        self.ctx = ctx
         self.states = states
 
     def __call__(self, module: nn.Module, args: Any) -> None:
         handle, self.schedule._opt_hook = self.schedule._opt_hook, None
         if handle is not None:
             handle.remove()
-        optimizers = self.strategy.optimizers
+        optimizers = self.ctx.optimizers
         if len(optimizers) != len(self.states):
             log.warning("%s: the checkpoint holds %d optimizer states per rank, this run has %d optimizers; "
                         "keeping rank 0's", type(self.schedule).__name__, len(self.states), len(optimizers))
@@ -547,8 +530,8 @@ def _clone(obj: Any) -> Any:
     return apply_to_collection(obj, Tensor, lambda t: t.detach().clone())
 
 
-def _checks(strategy: CompressedDDP) -> bool:
-    return strategy.comm_state.nonfinite != "ignore"
+def _checks(ctx: SyncContext) -> bool:
+    return ctx.comm.nonfinite != "ignore"
 
 
 __all__ = [

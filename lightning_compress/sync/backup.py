@@ -86,7 +86,6 @@ from __future__ import annotations
 import datetime
 import logging
 import math
-import struct
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -95,177 +94,34 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_compress._lightning import closure_result_type, namespace_of
+from lightning_compress._compat import default_store, mark_closure_skipped, replace_sigterm_broadcast
+from lightning_compress._lightning import namespace_of
 from lightning_compress.comm.collectives import nonfinite_flag
-from lightning_compress.sync.base import SyncSchedule
+from lightning_compress.comm.first_n import (
+    HEADER,
+    MAGIC,
+    NO_SKIP_STEPS,
+    NONFINITE,
+    WARM,
+    FirstNExchange,
+    seconds,
+)
+from lightning_compress.exchange import (
+    COMPRESSED,
+    ExchangeMemory,
+    encode_with_feedback,
+    on_nonfinite,
+    split_by_size,
+)
+from lightning_compress.sync.base import SyncContext, SyncSchedule
 
 if TYPE_CHECKING:
     from torch.optim import Optimizer
 
     from lightning_compress.compressors import Compressor
-    from lightning_compress.strategy import CompressedDDP
+    from lightning_compress.hooks import CompressionState
 
 log = logging.getLogger(__name__)
-
-#: the TCPStore (libuv backend) rejects messages above 8 MiB; payloads travel in chunks of this size
-_CHUNK = 4 << 20
-_MAGIC = b"BKW2"
-# magic, step, rank, flags, dense numel, compressed numel, codec-settings length, and the sender's
-# squared pre-compression norm of the compressed part (what a policy decides the next width from)
-_HEADER = struct.Struct("<4sqiiqqid")
-_WARM = 1  # flag: every tensor sent as float32 (warm-up step)
-_NONFINITE = 2  # flag: the sender's gradient holds NaN/Inf; no body follows
-_COUNT = struct.Struct("<q")
-# DDP rebuilds its buckets at the first forward after the first backward of a new wrapper, with a
-# broadcast from rank 0 that every rank must join: a rank that skipped that backward would join
-# one step later, while the others wait in the broadcast for it and it waits for their
-# contributions. So no rank skips a step's compute during the first steps of each fit.
-_NO_SKIP_STEPS = 2
-
-
-def _seconds(timeout: float | datetime.timedelta | None) -> float | None:
-    if timeout is None:
-        return None
-    if isinstance(timeout, datetime.timedelta):
-        timeout = timeout.total_seconds()
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-        raise ValueError(f"timeout must be > 0 seconds (float or timedelta) or None, got {timeout!r}")
-    return float(timeout)
-
-
-class FirstNExchange:
-    """First-``N``-of-``W`` exchange of byte payloads through a c10d ``Store`` (no collectives).
-
-    The protocol of :class:`BackupWorkers` (module docstring, steps 0-5) without Lightning or
-    codecs, usable on any process group whose store all ranks share. Every rank calls, per step
-    ``s`` and in this order: :meth:`wait_lag`, optionally :meth:`closed`, then :meth:`arrive` (or
-    not, when it skips the step), :meth:`post` if its ticket is ``<= contributors``,
-    :meth:`collect`, :meth:`finish`.
-
-    Args:
-        store: a store every rank reaches (e.g. ``dist.distributed_c10d._get_default_store()``),
-            already prefixed so that its keys belong to this run.
-        rank: this rank.
-        world_size: ``W``.
-        contributors: ``N``, the number of payloads aggregated per step (``1 <= N <= W``).
-        timeout: seconds any wait may take before it fails with a ``RuntimeError`` naming the
-            step and the missing ranks.
-        max_lag: how many steps the fastest rank may be ahead of the slowest (>= 1).
-
-    """
-
-    def __init__(
-        self, store: dist.Store, rank: int, world_size: int, contributors: int, timeout: float, max_lag: int
-    ) -> None:
-        if not 1 <= contributors <= world_size:
-            raise ValueError(f"contributors must be in [1, world_size={world_size}], got {contributors}")
-        self.store = store
-        self.rank = rank
-        self.world_size = world_size
-        self.contributors = contributors
-        self.timeout = timeout
-        self.max_lag = max_lag
-
-    def _wait(self, keys: list[str], what: Callable[[], str]) -> None:
-        try:
-            self.store.wait(keys, datetime.timedelta(seconds=self.timeout))
-        except (dist.DistStoreError, RuntimeError) as err:
-            message = f"BackupWorkers (rank {self.rank}): {what()} within {self.timeout:g} s: {err}"
-            raise RuntimeError(message) from err
-
-    def positions(self) -> dict[int, int]:
-        """Return the last step each rank finished (-1: none yet), for error messages and debugging."""
-        keys = [f"pos/{r}" for r in range(self.world_size)]
-        out = {}
-        for r, key in enumerate(keys):
-            out[r] = int(self.store.get(key)) if self.store.check([key]) else -1
-        return out
-
-    # 0. bounded lag
-    def wait_lag(self, step: int) -> None:
-        """Block until every rank has finished step ``step - max_lag``."""
-        old = step - self.max_lag
-        if old < 0:
-            return
-
-        def what() -> str:
-            behind = {r: p for r, p in self.positions().items() if p < old}
-            return (
-                f"step {step} may not start before every rank finished step {old} (max_lag={self.max_lag}); "
-                f"ranks behind, with the last step they finished: {behind} (dead or stalled?)"
-            )
-
-        self._wait([f"{old}/done"], what)
-
-    # 1. late already?
-    def closed(self, step: int) -> bool:
-        """Whether ``contributors`` ranks have already arrived at ``step`` (so this one would be dropped)."""
-        return self.store.add(f"{step}/arrive", 0) >= self.contributors
-
-    # 2. arrive
-    def arrive(self, step: int) -> int:
-        """Take a ticket for ``step``: ``1..contributors`` contribute, later tickets are dropped."""
-        return int(self.store.add(f"{step}/arrive", 1))
-
-    # 3. post
-    def post(self, step: int, ticket: int, payload: bytes) -> int:
-        """Publish a contributor's payload; returns the bytes sent to the store."""
-        if not 1 <= ticket <= self.contributors:
-            raise ValueError(f"ticket {ticket} of step {step} is not a contributor's, 1..{self.contributors}")
-        chunks = [payload[i : i + _CHUNK] for i in range(0, max(len(payload), 1), _CHUNK)]
-        for i, chunk in enumerate(chunks[1:], start=1):
-            self.store.set(f"{step}/g/{ticket}/{i}", chunk)
-        # the head goes last: once it exists, every chunk does
-        self.store.set(f"{step}/g/{ticket}", _COUNT.pack(len(chunks)) + chunks[0])
-        return len(payload) + _COUNT.size
-
-    # 4. collect
-    def collect(self, step: int) -> list[bytes]:
-        """Wait for the ``contributors`` payloads of ``step`` and return them in ticket order."""
-        heads = [f"{step}/g/{t}" for t in range(1, self.contributors + 1)]
-
-        def what() -> str:
-            arrived = self.store.add(f"{step}/arrive", 0)
-            missing = [t for t, key in enumerate(heads, start=1) if not self.store.check([key])]
-            return (
-                f"step {step}: {min(arrived, self.contributors)} of the {self.contributors} contributions "
-                f"needed arrived ({arrived} arrivals, tickets {missing} not posted); "
-                f"last step finished per rank: {self.positions()}"
-            )
-
-        self._wait(heads, what)
-        values = self.store.multi_get(heads)
-        counts = [_COUNT.unpack_from(v)[0] for v in values]
-        extra = [f"{step}/g/{t}/{i}" for t, c in enumerate(counts, start=1) for i in range(1, c)]
-        rest = iter(self.store.multi_get(extra) if extra else [])
-        payloads = []
-        for value, count in zip(values, counts, strict=True):
-            parts = [value[_COUNT.size :]] + [next(rest) for _ in range(count - 1)]
-            payloads.append(b"".join(parts) if count > 1 else parts[0])
-        self._counts = counts
-        return payloads
-
-    # 5. finish
-    def finish(self, step: int) -> None:
-        """Count this rank done with ``step``; the last rank cleans the step up and marks it finished."""
-        self.store.set(f"pos/{self.rank}", str(step))
-        if self.store.add(f"{step}/read", 1) < self.world_size:
-            return
-        # Every rank has read step s: nobody touches its keys again, and every rank has passed
-        # its lag check on step s - max_lag (made before arriving at s).
-        counts = getattr(self, "_counts", [1] * self.contributors)
-        keys = [f"{step}/arrive", f"{step}/read"]
-        for t, c in enumerate(counts, start=1):
-            keys += [f"{step}/g/{t}"] + [f"{step}/g/{t}/{i}" for i in range(1, c)]
-        if step - self.max_lag >= 0:
-            keys.append(f"{step - self.max_lag}/done")
-        for key in keys:
-            try:
-                self.store.delete_key(key)
-            except (RuntimeError, NotImplementedError):  # a store without deletion only keeps more keys
-                break
-        self.store.set(f"{step}/done", "1")
-
 
 class BackupWorkers(SyncSchedule):
     """Synchronous SGD with ``backups`` backup workers (Chen et al., arXiv 1604.00981).
@@ -328,7 +184,7 @@ class BackupWorkers(SyncSchedule):
         if not isinstance(skip_late_steps, bool):
             raise TypeError(f"skip_late_steps must be True or False, got {skip_late_steps!r}")
         self.backups = backups
-        self.timeout = _seconds(timeout)
+        self.timeout = seconds(timeout)
         self.max_lag = max_lag
         self.skip_late_steps = skip_late_steps
 
@@ -340,11 +196,13 @@ class BackupWorkers(SyncSchedule):
         self.dropped_total = 0
         self.straggled_total = 0
         self.skipped_total = 0
-        # error-feedback memory of the compressed part, with the parameter names it covers
-        self._residual: Tensor | None = None
-        self._residual_layout: tuple[str, ...] = ()
-        self._pending: tuple[Tensor, tuple[str, ...]] | None = None
-        self._exchange: FirstNExchange | None = None
+        #: error-feedback memory of the compressed part (per parameter name)
+        self.memory = ExchangeMemory()
+        # a loaded (residual, parameter names), laid out at the first encode
+        self._restored_residual: tuple[Tensor | None, tuple[str, ...]] | None = None
+        # commits this step's error-feedback update once the step is known to be applied
+        self.add_transient("_pending")
+        self.add_transient("_exchange")
         self._world_size = 1
         self._rank = 0
         self._names: dict[int, str] = {}
@@ -362,8 +220,8 @@ class BackupWorkers(SyncSchedule):
         return self._exchange is not None
 
     # -- SyncSchedule ----------------------------------------------------------------------------
-    def setup(self, strategy: CompressedDDP) -> None:
-        world = strategy.world_size
+    def setup(self, ctx: SyncContext) -> None:
+        world = ctx.world_size
         # Every rank evaluates the same condition on the same configuration: all raise together.
         if self.backups >= world:
             raise ValueError(
@@ -371,27 +229,26 @@ class BackupWorkers(SyncSchedule):
                 f"{world}; use backups in [0, {world - 1}]"
             )
         self._world_size = world
-        self._rank = strategy.global_rank
+        self._rank = ctx.rank
         self._exchange = None
         self._fit_steps = 0
         self._running = None
         if self.backups == 0 or world == 1:
             return
-        comm = strategy.comm_state
+        comm = ctx.comm
         if comm.uses_sketch:
             raise ValueError(
                 "BackupWorkers does not support CountSketch: Sketched SGD's exchange needs a second round "
                 "among the same ranks; use QSGD, TopK or NoCompression (or backups=0)"
             )
-        scaler = getattr(strategy.precision_plugin, "scaler", None)
-        if scaler is not None:
+        if ctx.scaler is not None:
             raise ValueError(
                 "BackupWorkers does not support precision='16-mixed' (its GradScaler skips steps per rank, "
                 "so ranks would diverge); use '32-true' or 'bf16-mixed'"
             )
-        model = strategy.lightning_module
+        model = ctx.module
         self._names = {id(p): name for name, p in model.named_parameters()}
-        store = dist.distributed_c10d._get_default_store()
+        store = default_store()
         base = dist.PrefixStore("lightning_compress/backup/", store)
         # Each fit adds W to the counter: the same generation on every rank, fresh keys per fit.
         generation = (int(base.add("generation", 1)) - 1) // world
@@ -399,8 +256,8 @@ class BackupWorkers(SyncSchedule):
         run_store = dist.PrefixStore(f"{generation}/", base)
         n = world - self.backups
         self._exchange = FirstNExchange(run_store, self._rank, world, n, timeout, self.max_lag)
-        self._replace_sigterm_broadcast(model.trainer)
-        ddp = strategy.model
+        self._replace_sigterm_broadcast(ctx.trainer)
+        ddp = ctx.model
         if getattr(ddp, "broadcast_buffers", False) and any(True for _ in model.buffers()):
             log.warning(
                 "BackupWorkers: the model has buffers and DDP broadcasts them from rank 0 before every "
@@ -414,7 +271,7 @@ class BackupWorkers(SyncSchedule):
         return self._exchange is None
 
     def run_closure(
-        self, strategy: CompressedDDP, optimizer: Optimizer, closure: Callable[[], Any], step: int
+        self, ctx: SyncContext, optimizer: Optimizer, closure: Callable[[], Any], step: int
     ) -> Any:
         exchange = self._exchange
         if exchange is None:
@@ -427,8 +284,8 @@ class BackupWorkers(SyncSchedule):
         self._running = step
         exchange.wait_lag(step)  # 0.
         params = self._params(optimizer)
-        comm = strategy.comm_state
-        _, large, warm = self._split(strategy, params, step)
+        comm = ctx.comm
+        _, large, warm = self._split(ctx, params, step)
         comm.last_compressed = bool(large) and not warm
         if comm.last_compressed:
             # every rank, contributing, late or skipped, before any compute: the policy's state
@@ -437,26 +294,25 @@ class BackupWorkers(SyncSchedule):
             comm.decide(comm.last_grad_norm, step)
         skipped = False
         self._fit_steps += 1
-        if self.skip_late_steps and self._fit_steps > _NO_SKIP_STEPS and exchange.closed(step):  # 1.
-            skipped = _skip_closure(closure)
+        if self.skip_late_steps and self._fit_steps > NO_SKIP_STEPS and exchange.closed(step):  # 1.
+            skipped = mark_closure_skipped(closure)
         output = None if skipped else closure()
         ticket = exchange.contributors + 1
         sent = 0
         if not skipped:
             ticket = exchange.arrive(step)  # 2.
             if ticket <= exchange.contributors:
-                sent = exchange.post(step, ticket, self._encode(strategy, params, step))  # 3.
+                sent = exchange.post(step, ticket, self._encode(ctx, params, step))  # 3.
         start = time.perf_counter()
         payloads = exchange.collect(step)  # 4.
         self.last_wait_s = time.perf_counter() - start
         try:
-            contributors = self._decode_into(strategy, params, step, payloads)
+            contributors = self._decode_into(ctx, params, step, payloads)
         finally:
             exchange.finish(step)  # 5. (also when every rank raises for non-finite gradients)
 
         if sent:
-            comm.ledger.record(sent, sent)
-        comm.ledger.end_step()
+            comm.ledger.record(sent, sent)  # the strategy closes the ledger's step
         # the hook counts its flushes; a skipped step had none, and every rank must agree on it
         comm.step = step + 1
         self.last_step = step
@@ -468,7 +324,7 @@ class BackupWorkers(SyncSchedule):
         self.skipped_total += int(skipped)
         return output
 
-    def on_train_end(self, strategy: CompressedDDP) -> None:
+    def on_train_end(self, ctx: SyncContext) -> None:
         # Rank 0 hosts the store: it must not leave while a slower rank still reads its last steps.
         if self._exchange is not None and dist.is_initialized():
             dist.barrier()
@@ -485,17 +341,32 @@ class BackupWorkers(SyncSchedule):
         return params
 
     def _split(
-        self, strategy: CompressedDDP, params: list[tuple[str, Tensor]], step: int
+        self, ctx: SyncContext, params: list[tuple[str, Tensor]], step: int
     ) -> tuple[list, list, bool]:
-        comm = strategy.comm_state
+        comm = ctx.comm
         warm = step < comm.warmup_steps
-        dense = [(n, p) for n, p in params if warm or p.numel() < comm.min_compression_size]
-        large = [(n, p) for n, p in params if not (warm or p.numel() < comm.min_compression_size)]
+        dense, large = split_by_size(params, lambda item: item[1].numel(), comm.min_compression_size, warm)
         return dense, large, warm
 
-    def _encode(self, strategy: CompressedDDP, params: list[tuple[str, Tensor]], step: int) -> bytes:
-        comm = strategy.comm_state
-        dense, large, warm = self._split(strategy, params, step)
+    def _memory_for(self, large: list[tuple[str, Tensor]], device: torch.device) -> ExchangeMemory:
+        """The error-feedback memory laid out over ``large`` (a restored residual placed by name)."""
+        layout = tuple((n, p.numel()) for n, p in large)
+        restored, self._restored_residual = self._restored_residual, None
+        if restored is not None:
+            flat, names = restored
+            self.memory.reset()
+            fits = names == tuple(n for n, _ in layout) and flat is not None
+            if fits and flat.numel() == sum(m for _, m in layout):
+                parts = flat.to(device=device, dtype=torch.float32).split([m for _, m in layout])
+                pools = {"residuals": dict(zip(names, parts, strict=True))}
+                self.memory.relayout(layout, (), device, pools=pools)
+                return self.memory
+        self.memory.relayout(layout, (), device)
+        return self.memory
+
+    def _encode(self, ctx: SyncContext, params: list[tuple[str, Tensor]], step: int) -> bytes:
+        comm = ctx.comm
+        dense, large, warm = self._split(ctx, params, step)
         device = params[0][1].device if params else torch.device("cpu")
         dense_flat = _flat_grads(dense, device)
         large_flat = _flat_grads(large, device)
@@ -503,40 +374,37 @@ class BackupWorkers(SyncSchedule):
         codec = comm.compressor
         meta = repr(codec.meta()).encode()
         sizes = (dense_flat.numel(), large_flat.numel())
-        flags = _WARM if warm else 0
+        flags = WARM if warm else 0
         self._pending = None
-        check = getattr(comm, "nonfinite", "ignore") != "ignore"
+        check = comm.config.checks
         # the norm and the non-finite flag are read to the host together: one device sync
         norm_sq_t = torch.linalg.vector_norm(large_flat).square().reshape(1)
         flag = nonfinite_flag([dense_flat, large_flat], device) if check else torch.zeros(1, device=device)
         norm_sq, nonfinite = torch.cat([norm_sq_t, flag]).tolist()
         if check and nonfinite:
             # every rank reads this flag from the same payload: all skip (or raise) together
-            return _HEADER.pack(_MAGIC, step, self._rank, flags | _NONFINITE, *sizes, len(meta), 0.0) + meta
+            return HEADER.pack(MAGIC, step, self._rank, flags | NONFINITE, *sizes, len(meta), 0.0) + meta
         if large:
-            layout = tuple(n for n, _ in large)
-            residual = self._residual
-            if comm.error_feedback and residual is not None and layout == self._residual_layout:
-                large_flat = large_flat + residual.to(large_flat.device)
-            payload = codec.compress(large_flat, comm._rng(large_flat.device))
-            if comm.error_feedback:
-                # p - C(p) (arXiv 1901.09847, Alg. 2). Only a contributor gets here: a late rank's
-                # gradient is dropped whole, not carried into a later step through this memory.
-                # Committed once the step is known to be applied (see _decode_into).
-                self._pending = (large_flat - codec.decompress(payload).reshape(-1).float(), layout)
+            # p = g + e, C(p); e ← p - C(p) (arXiv 1901.09847, Alg. 2) is committed once the step is
+            # known to be applied (see _decode_into). Only a contributor gets here: a late rank's
+            # gradient is dropped whole, not carried into a later step through this memory.
+            memory = self._memory_for(large, device)
+            payload, self._pending = encode_with_feedback(
+                large_flat, codec, comm.config, memory, comm.generator(large_flat.device)
+            )
             parts.append(_to_bytes(payload.to_bytes()))
             comm.ledger.record_coords(large_flat.numel(), payload.nbytes, self._world_size)
         if dense:
             comm.ledger.record_coords(dense_flat.numel(), 4 * dense_flat.numel(), self._world_size)
-        header = _HEADER.pack(_MAGIC, step, self._rank, flags, *sizes, len(meta), norm_sq)
+        header = HEADER.pack(MAGIC, step, self._rank, flags, *sizes, len(meta), norm_sq)
         return header + meta + b"".join(parts)
 
     def _decode_into(
-        self, strategy: CompressedDDP, params: list[tuple[str, Tensor]], step: int, payloads: list[bytes]
+        self, ctx: SyncContext, params: list[tuple[str, Tensor]], step: int, payloads: list[bytes]
     ) -> tuple[int, ...]:
-        comm = strategy.comm_state
+        comm = ctx.comm
         codec: Compressor = comm.compressor
-        dense, large, warm = self._split(strategy, params, step)
+        dense, large, warm = self._split(ctx, params, step)
         n_dense = sum(p.numel() for _, p in dense)
         n_large = sum(p.numel() for _, p in large)
         device = params[0][1].device if params else torch.device("cpu")
@@ -545,10 +413,10 @@ class BackupWorkers(SyncSchedule):
         norms_sq: list[float] = []
         bad = []
         for blob in payloads:
-            magic, p_step, rank, flags, p_dense, p_large, meta_len, norm_sq = _HEADER.unpack_from(blob)
-            p_meta = blob[_HEADER.size : _HEADER.size + meta_len]
-            layout_ok = bool(flags & _WARM) == warm and (p_dense, p_large) == (n_dense, n_large)
-            if magic != _MAGIC or p_step != step or not layout_ok:
+            magic, p_step, rank, flags, p_dense, p_large, meta_len, norm_sq = HEADER.unpack_from(blob)
+            p_meta = blob[HEADER.size : HEADER.size + meta_len]
+            layout_ok = bool(flags & WARM) == warm and (p_dense, p_large) == (n_dense, n_large)
+            if magic != MAGIC or p_step != step or not layout_ok:
                 raise RuntimeError(
                     f"BackupWorkers: rank {rank}'s payload for step {step} does not match this rank's layout "
                     f"(step {p_step}, {p_dense}+{p_large} vs {n_dense}+{n_large} elements): ranks disagree"
@@ -558,9 +426,9 @@ class BackupWorkers(SyncSchedule):
                     f"BackupWorkers: rank {rank} encoded step {step} with codec settings {p_meta.decode()} "
                     f"but this rank has {meta.decode()}; codec settings must change identically on every rank"
                 )
-            received.append((rank, blob[_HEADER.size + meta_len :]))
+            received.append((rank, blob[HEADER.size + meta_len :]))
             norms_sq.append(norm_sq)
-            if flags & _NONFINITE:
+            if flags & NONFINITE:
                 bad.append(rank)
         received.sort(key=lambda item: item[0])  # rank order: the same sum on every rank
         contributors = tuple(rank for rank, _ in received)
@@ -569,7 +437,7 @@ class BackupWorkers(SyncSchedule):
             self._on_nonfinite(comm, step, sorted(bad))
             return contributors
         if pending is not None:
-            self._residual, self._residual_layout = pending
+            pending()  # the step is applied: this contributor's error-feedback update stands
         count = len(received)
         dense_sum = torch.zeros(n_dense, dtype=torch.float32, device=device)
         large_sum = torch.zeros(n_large, dtype=torch.float32, device=device)
@@ -591,21 +459,19 @@ class BackupWorkers(SyncSchedule):
             comm.last_grad_norm = math.sqrt(math.fsum(norms_sq) / count)
         return contributors
 
-    def _on_nonfinite(self, comm: Any, step: int, ranks: list[int]) -> None:
+    def _on_nonfinite(self, comm: CompressionState, step: int, ranks: list[int]) -> None:
         # same contract as the DDP hook's `nonfinite` (CompressedDDP drops the step on
         # last_step_skipped), decided from the same payloads on every rank
-        message = f"non-finite gradients (NaN/Inf) from contributing ranks {ranks} at step {step}"
-        if comm.nonfinite == "raise":
-            raise FloatingPointError(f"{message}; set nonfinite='skip' to skip such steps instead")
-        log.warning("BackupWorkers: %s: step skipped on every rank, error-feedback memory untouched", message)
+        message = (
+            f"BackupWorkers: non-finite gradients (NaN/Inf) from contributing ranks {ranks} "
+            f"at step {step}"
+        )
+        on_nonfinite(comm.nonfinite, message, "error-feedback memory untouched")
         comm.last_step_skipped = True
-        comm.skipped_steps = getattr(comm, "skipped_steps", 0) + 1
+        comm.skipped_steps += 1
 
     # -- Lightning's per-batch SIGTERM broadcast ---------------------------------------------------
     def _replace_sigterm_broadcast(self, trainer: Any) -> None:
-        loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
-        if loop is None or not hasattr(type(loop), "_broadcast_sigterm_tensor"):
-            return
         store = self._exchange.store if self._exchange is not None else None
         rank = self._rank
         # the loop catches its own namespace's exception (pytorch_lightning or lightning.pytorch)
@@ -621,9 +487,19 @@ class BackupWorkers(SyncSchedule):
             if store.check(["sigterm"]):
                 raise sigterm_exception()
 
-        loop._broadcast_sigterm_tensor = sigterm_via_store
+        replace_sigterm_broadcast(trainer, sigterm_via_store)
 
     # -- metrics and state ---------------------------------------------------------------------------
+    logged_metrics = (
+        "backup/contributions",
+        "backup/dropped",
+        "backup/straggled",
+        "backup/skipped",
+        "backup/wait_s",
+        "backup/dropped_total",
+        "backup/straggled_total",
+    )
+
     def metrics(self) -> dict[str, float]:
         """Figures of the last step, for loggers (``CommunicationMonitor`` logs them).
 
@@ -645,10 +521,14 @@ class BackupWorkers(SyncSchedule):
         }
 
     def state_dict(self) -> dict[str, Any]:
+        residual = self.memory.v.residuals.get(COMPRESSED)
+        names = tuple(n for n, _ in self.memory.layout)
+        if self._restored_residual is not None:  # restored, not laid out yet
+            residual, names = self._restored_residual
         return {
             "backups": self.backups,
-            "residual": None if self._residual is None else self._residual.detach().clone(),
-            "residual_layout": list(self._residual_layout),
+            "residual": None if residual is None else residual.detach().clone(),
+            "residual_layout": list(names),
             "dropped_total": self.dropped_total,
             "straggled_total": self.straggled_total,
             "skipped_total": self.skipped_total,
@@ -657,31 +537,15 @@ class BackupWorkers(SyncSchedule):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "residual" not in state:
             raise ValueError("BackupWorkers state is missing 'residual'; was it saved by BackupWorkers?")
-        self._residual = state["residual"]
-        self._residual_layout = tuple(state.get("residual_layout", ()))
+        self.memory.reset()
+        self._restored_residual = (state["residual"], tuple(state.get("residual_layout", ())))
         self.dropped_total = int(state.get("dropped_total", 0))
         self.straggled_total = int(state.get("straggled_total", 0))
         self.skipped_total = int(state.get("skipped_total", 0))
 
-    def __getstate__(self) -> dict[str, Any]:
-        # spawn pickles the strategy into its children: no store connection
-        d = self.__dict__.copy()
-        d["_exchange"] = None
-        return d
-
     def __repr__(self) -> str:
         name = type(self).__name__
         return f"{name}(backups={self.backups}, timeout={self.timeout}, max_lag={self.max_lag})"
-
-
-def _skip_closure(closure: Callable[[], Any]) -> bool:
-    """Mark Lightning's automatic-optimization closure as run without running it (a skipped step)."""
-    closure_result = closure_result_type(closure)
-    if closure_result is None:
-        return False  # manual optimization, or a user's own optimizer_step: compute, then drop
-    # what Lightning records when training_step returns None: the step has no loss and no outputs
-    closure._result = closure_result(closure_loss=None)
-    return True
 
 
 def _flat_grads(params: list[tuple[str, Tensor]], device: torch.device) -> Tensor:

@@ -6,17 +6,21 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from lightning_compress.comm.collectives import exchange
-from lightning_compress.comm.rng import seeded_generator
 from lightning_compress.compressors.base import NoCompression
+from lightning_compress.exchange import (
+    COMPRESSED,
+    ExchangeMemory,
+    RankGenerator,
+    compressed_average,
+    flatten,
+    split_by_size,
+)
 from lightning_compress.sync.averaging import (
     PeriodicAveraging,
     allreduce_average_,
     allreduce_average_checked_,
-    flatten,
     reset_optimizer_state,
     write_flat_,
 )
@@ -25,7 +29,7 @@ if TYPE_CHECKING:
     from torch.optim import Optimizer
 
     from lightning_compress.hooks import CompressionState
-    from lightning_compress.strategy import CompressedDDP
+    from lightning_compress.sync.base import SyncContext
 
 log = logging.getLogger(__name__)
 
@@ -99,57 +103,56 @@ class LocalSGD(PeriodicAveraging):
         self._n_large = 0  # elements of the compressed (leading) parameters in the flat layout
         self._k_large = 0  # how many parameters that is
         self.x0: Tensor | None = None
-        self.residual: Tensor | None = None
-        self._generator: torch.Generator | None = None
-        self._generator_state: Tensor | None = None
+        #: the delta's error-feedback residual (or a sketch's accumulated ``v``), per rank
+        self.memory = ExchangeMemory()
+        self.rng = RankGenerator(offset=_SEED_OFFSET)
         self._n_left_out = 0  # ranks left out of the last average (non-finite), identical on every rank
         self._left_out = False  # whether this rank was one of them
 
     # -- what is averaged, and how -----------------------------------------------------------
-    def _uses_compression(self, strategy: CompressedDDP) -> bool:
+    def _uses_compression(self, ctx: SyncContext) -> bool:
         if self.compress_average is None:
-            return not isinstance(strategy.comm_state.compressor, NoCompression)
+            return not isinstance(ctx.comm.compressor, NoCompression)
         return self.compress_average
 
     def _keeps_reference(self) -> bool:
         """Whether ``x₀`` (the model at the last sync point) is kept."""
         return self._compress
 
-    def _order(self, named: list[tuple[str, Tensor]], strategy: CompressedDDP) -> list[tuple[str, Tensor]]:
-        self._compress = self._uses_compression(strategy)
+    def _order(self, named: list[tuple[str, Tensor]], ctx: SyncContext) -> list[tuple[str, Tensor]]:
+        self._compress = self._uses_compression(ctx)
         if not self._compress:
             self._n_large = 0
             return named
         # the compressed tensors first, so they are one leading slice of every flat vector
-        limit = strategy.comm_state.min_compression_size
-        large = [(n, p) for n, p in named if p.numel() >= limit]
-        small = [(n, p) for n, p in named if p.numel() < limit]
+        limit = ctx.comm.min_compression_size
+        small, large = split_by_size(named, lambda item: item[1].numel(), limit, warm=False)
         self._n_large = sum(p.numel() for _, p in large)
         self._k_large = len(large)
         return large + small
 
-    def _init_state(self, strategy: CompressedDDP) -> None:
+    def _init_state(self, ctx: SyncContext) -> None:
         self.x0 = flatten(self._params).to(self._device) if self._keeps_reference() else None
-        self.residual = None  # a fresh local phase: nothing owed from a previous one
+        self.memory.reset()  # a fresh local phase: nothing owed from a previous one
 
-    def _synchronize(self, strategy: CompressedDDP, optimizer: Optimizer, step: int) -> None:
+    def _synchronize(self, ctx: SyncContext, optimizer: Optimizer, step: int) -> None:
         log.debug(f"{type(self).__name__}: sync point after optimizer step {step}")
-        left_out = self._left_out = self._average(strategy, step)
+        left_out = self._left_out = self._average(ctx, step)
         if left_out and not self._averages_optimizer_state():
-            reset_optimizer_state(strategy.optimizers or [optimizer], self._params)
-        self._outer_update(strategy, optimizer)
+            reset_optimizer_state(ctx.optimizers or [optimizer], self._params)
+        self._outer_update(ctx, optimizer)
 
     def _averages_optimizer_state(self) -> bool:
         """Whether :meth:`_outer_update` gives a left-out rank the others' optimizer state."""
         return False
 
     @torch.no_grad()
-    def _average(self, strategy: CompressedDDP, step: int) -> bool:
+    def _average(self, ctx: SyncContext, step: int) -> bool:
         """Replace every rank's model by the (exact or compressed) average over ranks.
 
         Returns whether this rank was left out of it (non-finite, see the class docstring).
         """
-        cs = strategy.comm_state
+        cs = ctx.comm
         check = cs.nonfinite != "ignore"
         self._n_left_out = 0
         if not self._compress:
@@ -159,9 +162,9 @@ class LocalSGD(PeriodicAveraging):
                 allreduce_average_(tensors, cs.process_group, cs.ledger)
                 return False
             n_bad, mine = allreduce_average_checked_(
-                tensors, cs.process_group, cs.ledger, self._device, self._contribution_flag(strategy)
+                tensors, cs.process_group, cs.ledger, self._device, self._contribution_flag(ctx)
             )
-            self._on_left_out(strategy, step, n_bad, mine)
+            self._on_left_out(ctx, step, n_bad, mine)
             self._n_left_out = n_bad
             return mine
         large, dense = self._params[: self._k_large], self._params[self._k_large :] + self._buffers
@@ -172,9 +175,9 @@ class LocalSGD(PeriodicAveraging):
         n_bad, mine = 0, False
         if check:
             # the flag rides the dense allreduce, so every rank knows before the compressed exchange
-            flag = self._contribution_flag(strategy, [delta] if delta is not None else [])
+            flag = self._contribution_flag(ctx, [delta] if delta is not None else [])
             n_bad, mine = allreduce_average_checked_(dense, cs.process_group, cs.ledger, self._device, flag)
-            self._on_left_out(strategy, step, n_bad, mine)
+            self._on_left_out(ctx, step, n_bad, mine)
         else:
             allreduce_average_(dense, cs.process_group, cs.ledger)
         self._n_left_out = n_bad
@@ -189,61 +192,43 @@ class LocalSGD(PeriodicAveraging):
         return mine
 
     def _exchange_delta(self, cs: CompressionState, delta: Tensor, keep_residual: bool = False) -> Tensor:
-        generator = self._rng(cs, delta.device)
-        if keep_residual:
-            # left out of this average: the same collectives, with zeros, and the residual untouched
-            return exchange(cs.compressor, delta, cs.process_group, cs.ledger, generator).average
-        if cs.uses_sketch:
-            # Sketched SGD (arXiv 1903.04488) keeps what was not applied, whatever error_feedback says
-            p = delta if self.residual is None else delta + self.residual
-            result = exchange(cs.compressor, p, cs.process_group, cs.ledger, generator)
-            p[result.applied] = 0.0
-            self.residual = p
-            return result.average
-        if cs.error_feedback:
-            # error feedback (arXiv 1901.09847): p = Δ + e; send C(p); e ← p − C(p)
-            p = delta if self.residual is None else delta + self.residual
-            result = exchange(cs.compressor, p, cs.process_group, cs.ledger, generator, want_local=True)
-            assert result.local is not None
-            self.residual = p - result.local
-            return result.average
-        return exchange(cs.compressor, delta, cs.process_group, cs.ledger, generator).average
+        """3.2: the delta's compressed average; error feedback / a sketch's ``v`` as the exchange keeps it.
 
-    def _outer_update(self, strategy: CompressedDDP, optimizer: Optimizer) -> None:
+        ``keep_residual``: this rank is left out of the average (the same collectives, with
+        zeros, and its residual untouched).
+        """
+        generator = self.rng.get(delta.device, cs.seed, cs.process_group)
+        return compressed_average(
+            delta, cs.compressor, cs.config, self.memory, cs.process_group, cs.ledger, generator,
+            contribute=not keep_residual,
+        )
+
+    def _outer_update(self, ctx: SyncContext, optimizer: Optimizer) -> None:
         """After the average: Local SGD just starts the next period from it (``x₀ ← x̄``)."""
         if self.x0 is not None:
             self.x0.copy_(flatten(self._params))
 
-    def _rng(self, cs: CompressionState, device: torch.device) -> torch.Generator:
-        if self._generator is None or self._generator.device != device:
-            seed = cs.seed + _SEED_OFFSET + dist.get_rank(cs.process_group)
-            self._generator = seeded_generator(device, seed, self._generator_state)
-            self._generator_state = None
-        return self._generator
+    @property
+    def residual(self) -> Tensor | None:
+        """The delta's error-feedback residual (a sketch's ``v``), flat over the compressed slice."""
+        return self.memory.v.residuals.get(COMPRESSED)
 
     # -- state -------------------------------------------------------------------------------
     def _state_tensors(self) -> dict[str, Tensor | None]:
         return {"x0": self.x0, "residual": self.residual}
 
     def _state_extra(self) -> dict[str, Any]:
-        if self._generator is not None:
-            return {"generator": self._generator.get_state()}
-        if self._generator_state is not None:  # restored, not drawn from yet
-            return {"generator": self._generator_state}
-        return {}
+        generator = self.rng.state()
+        return {} if generator is None else {"generator": generator}
 
     def _load_tensors(self, state: dict[str, Any], device: torch.device) -> None:
         self.x0 = state["x0"].to(device) if state.get("x0") is not None else None
         if self._keeps_reference() and self.x0 is None:
             self.x0 = flatten(self._params).to(device)
-        self.residual = state["residual"].to(device) if state.get("residual") is not None else None
-        self._generator = None
-        self._generator_state = state.get("generator")
-
-    def __getstate__(self) -> dict[str, Any]:
-        d = super().__getstate__()
-        d["_generator"] = None
-        return d
+        self.memory.reset()
+        if state.get("residual") is not None:
+            self.memory.v.residuals[COMPRESSED] = state["residual"].to(device=device, dtype=torch.float32)
+        self.rng.load(state.get("generator"))
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(period={self.period}, warmup_steps={self.warmup_steps}, "

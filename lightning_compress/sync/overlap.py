@@ -28,7 +28,8 @@ from lightning_compress.sync.averaging import (
 if TYPE_CHECKING:
     from torch.optim import Optimizer
 
-    from lightning_compress.strategy import CompressedDDP
+    from lightning_compress.sync.base import SyncContext
+
 
 log = logging.getLogger(__name__)
 
@@ -136,29 +137,31 @@ class OverlapLocalSGD(PeriodicAveraging):
         self.momentum = check_number("momentum", momentum, 0.0, 1.0, low_open=False, high_open=True)
         self.z: Tensor | None = None  # anchor (params then float buffers)
         self.v: Tensor | None = None  # anchor momentum (params only)
-        self._work: Any = None  # the one pending allreduce
-        self._inflight: Tensor | None = None
         self._world = 1
-        #: of the pending allreduce: (nonfinite mode, step it was launched after) when its buffer
-        #: ends with the left-out flag, else None
-        self._flagged: tuple[str, int] | None = None
+        # the one pending allreduce: its work handle, its buffer, and (nonfinite mode, step it was
+        # launched after) when the buffer ends with the left-out flag; bound to this process
+        self._work: Any
+        self._inflight: Tensor | None
+        self._flagged: tuple[str, int] | None
+        for name in ("_work", "_inflight", "_flagged"):
+            self.add_transient(name)
 
-    def setup(self, strategy: CompressedDDP) -> None:
+    def setup(self, ctx: SyncContext) -> None:
         """Bind the model (see :class:`PeriodicAveraging`) and say what the compressor is used for."""
         self._work, self._inflight, self._flagged = None, None, None
-        super().setup(strategy)
-        self._world = dist.get_world_size(strategy.comm_state.process_group)
-        if not isinstance(strategy.comm_state.compressor, NoCompression):
+        super().setup(ctx)
+        self._world = dist.get_world_size(ctx.comm.process_group)
+        if not isinstance(ctx.comm.compressor, NoCompression):
             log.warning(
                 "OverlapLocalSGD averages models with an exact non-blocking float32 allreduce; the "
-                f"compressor {strategy.comm_state.compressor!r} is used only for the {self.warmup_steps} "
+                f"compressor {ctx.comm.compressor!r} is used only for the {self.warmup_steps} "
                 "warm-up steps"
             )
 
     def ranks_may_differ(self, steps_done: int) -> bool:
         return steps_done > self.warmup_steps
 
-    def _init_state(self, strategy: CompressedDDP) -> None:
+    def _init_state(self, ctx: SyncContext) -> None:
         self.complete()
         self.z = flatten(self._params + self._buffers).to(self._device)
         self.v = torch.zeros(sum(p.numel() for p in self._params), dtype=torch.float32, device=self._device)
@@ -196,34 +199,34 @@ class OverlapLocalSGD(PeriodicAveraging):
                     "parameters or optimizer state); the anchor is the average of the other %d",
                     name, step, n_bad, world, world - n_bad)
 
-    def _synchronize(self, strategy: CompressedDDP, optimizer: Optimizer, step: int) -> None:
+    def _synchronize(self, ctx: SyncContext, optimizer: Optimizer, step: int) -> None:
         assert self.z is not None and self.v is not None
         log.debug(f"{type(self).__name__}: sync point after optimizer step {step}")
         self.complete()  # 1.
         tensors = self._params + self._buffers
         x = flatten(tensors).to(self.z.device)
-        cs = strategy.comm_state
-        optimizers = strategy.optimizers or [optimizer]
+        cs = ctx.comm
+        optimizers = ctx.optimizers or [optimizer]
         check = cs.nonfinite != "ignore"
         # a local check (one read to the host); the others learn it from the flag in the allreduce
-        bad = check and bool(self._contribution_flag(strategy, [x]).item())
+        bad = check and bool(self._contribution_flag(ctx, [x]).item())
         if not bad:
             lr = learning_rates(optimizers, self._params)
             send = anchor_step_(x, self.z, self.v, lr, self.pullback, self.momentum)  # 2.-3.
             write_flat_(tensors, x)
         else:
             send = torch.zeros_like(x)
-            self._leave_out(strategy, optimizers, tensors, step)
+            self._leave_out(ctx, optimizers, tensors, step)
         if check:
             send = torch.cat([send, send.new_tensor([float(bad)])])
             self._flagged = (cs.nonfinite, step)
         self._inflight = send
         self._work = launch_allreduce(send, cs.process_group, cs.ledger, extra=int(check))  # 4.
 
-    def _leave_out(self, strategy: CompressedDDP, optimizers: list[Optimizer], tensors: list[Tensor],
+    def _leave_out(self, ctx: SyncContext, optimizers: list[Optimizer], tensors: list[Tensor],
                   step: int) -> None:
         """This rank's model, optimizer state or a local step is non-finite: it sends zeros."""
-        cs = strategy.comm_state
+        cs = ctx.comm
         rank = dist.get_rank(cs.process_group)
         if cs.nonfinite == "raise":
             log.error("%s: rank %d reports non-finite gradients or parameters at the sync point after step "
@@ -239,15 +242,15 @@ class OverlapLocalSGD(PeriodicAveraging):
                     "left out of the next anchor average; the other ranks are unaffected",
                     type(self).__name__, rank, step)
 
-    def on_train_end(self, strategy: CompressedDDP) -> None:
+    def on_train_end(self, ctx: SyncContext) -> None:
         """Complete the pending average: no collective outlives ``fit`` (the anchor is then current)."""
         self.complete()
-        super().on_train_end(strategy)
+        super().on_train_end(ctx)
 
-    def before_save(self, strategy: CompressedDDP) -> None:
+    def before_save(self, ctx: SyncContext) -> None:
         """Complete the pending average (the uninterrupted run gets the same anchor later)."""
         self.complete()
-        super().before_save(strategy)
+        super().before_save(ctx)
 
     @property
     def anchor(self) -> Tensor | None:
@@ -263,13 +266,6 @@ class OverlapLocalSGD(PeriodicAveraging):
         self.z = z.to(device) if z is not None else flatten(self._params + self._buffers).to(device)
         n = sum(p.numel() for p in self._params)
         self.v = state["v"].to(device) if state.get("v") is not None else torch.zeros(n, device=device)
-
-    def __getstate__(self) -> dict[str, Any]:
-        d = super().__getstate__()
-        d["_work"] = None
-        d["_inflight"] = None
-        d["_flagged"] = None
-        return d
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(period={self.period}, pullback={self.pullback}, "

@@ -23,7 +23,8 @@ from lightning_compress.sync.local_sgd import LocalSGD
 if TYPE_CHECKING:
     from torch.optim import Optimizer
 
-    from lightning_compress.strategy import CompressedDDP
+    from lightning_compress.sync.base import SyncContext
+
 
 log = logging.getLogger(__name__)
 
@@ -128,15 +129,15 @@ class SlowMo(LocalSGD):
     def _keeps_reference(self) -> bool:
         return True
 
-    def _init_state(self, strategy: CompressedDDP) -> None:
-        super()._init_state(strategy)
+    def _init_state(self, ctx: SyncContext) -> None:
+        super()._init_state(ctx)
         assert self.x0 is not None
         self.u = torch.zeros_like(self.x0)
 
     @torch.no_grad()
-    def _outer_update(self, strategy: CompressedDDP, optimizer: Optimizer) -> None:
+    def _outer_update(self, ctx: SyncContext, optimizer: Optimizer) -> None:
         assert self.x0 is not None and self.u is not None
-        optimizers = strategy.optimizers or [optimizer]
+        optimizers = ctx.optimizers or [optimizer]
         lr = learning_rates(optimizers, self._params)
         # 4.-5. slow momentum and slow update; then every rank restarts from x₀
         x_avg = flatten(self._params).to(self.x0.device)
@@ -147,7 +148,7 @@ class SlowMo(LocalSGD):
             reset_optimizer_state(optimizers)
         elif self.momentum_buffers == "average":
             # a rank left out of the model average (non-finite) takes the others' buffers too
-            cs = strategy.comm_state
+            cs = ctx.comm
             allreduce_average_(optimizer_buffers(optimizers), cs.process_group, cs.ledger,
                                left_out=self._left_out, n_left_out=self._n_left_out)
 

@@ -17,9 +17,9 @@ from launch import init_process_group, run_distributed
 from lightning_ns import CompressedDDP, pl
 from models import ToyClassifier, flat_params, trainer_kwargs
 
+from lightning_compress.comm.first_n import FirstNExchange
 from lightning_compress.compressors import QSGD, CountSketch, NoCompression, TopK
 from lightning_compress.sync import BackupWorkers
-from lightning_compress.sync.backup import FirstNExchange
 
 DELAY = 1.5
 
