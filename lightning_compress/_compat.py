@@ -39,6 +39,7 @@ resolved on first access, the rest at call time.
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
 from collections.abc import Callable, Sequence
 from types import ModuleType
@@ -81,18 +82,32 @@ def _missing(name: str, needed_for: str, namespace: str | ModuleType | None = No
 
 
 # -- Lightning's loops ----------------------------------------------------------------------------
-def replace_sigterm_broadcast(trainer: Any, fn: Callable[[], None]) -> None:
+def replace_sigterm_broadcast(trainer: Any, fn: Callable[[], None]) -> bool:
     """Make the training epoch loop call ``fn()`` where it broadcasts Lightning's SIGTERM flag.
 
     Lightning's ``_TrainingEpochLoop.advance`` calls ``self._broadcast_sigterm_tensor()`` before
     every batch on more than one rank (a broadcast from rank 0 that every rank waits in). Backup
     workers replace it with a store flag, which does not wait for the slowest rank.
 
+    Lightning releases from before that broadcast have no such call in
+    ``advance``: there is nothing to replace, and this returns ``False``.
+
+    Returns:
+        Whether the broadcast was replaced.
+
     Raises:
-        PrivateNameMissing: the loop has no ``_broadcast_sigterm_tensor``.
+        PrivateNameMissing: the loop has no ``_broadcast_sigterm_tensor`` but its ``advance``
+            still speaks of SIGTERM (renamed), or the loop cannot be read.
 
     """
     loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    if loop is not None and not hasattr(type(loop), "_broadcast_sigterm_tensor"):
+        try:
+            source = inspect.getsource(type(loop).advance)
+        except (AttributeError, OSError, TypeError):
+            source = "sigterm"  # cannot tell: assume it is there under another name
+        if "sigterm" not in source.lower():
+            return False  # an older Lightning: no per-batch broadcast to replace
     if loop is None or not callable(getattr(type(loop), "_broadcast_sigterm_tensor", None)):
         owner = type(loop).__qualname__ if loop is not None else "trainer.fit_loop.epoch_loop"
         raise _missing(
@@ -101,6 +116,7 @@ def replace_sigterm_broadcast(trainer: Any, fn: Callable[[], None]) -> None:
             namespace_of(trainer),
         )
     loop._broadcast_sigterm_tensor = fn
+    return True
 
 
 def closure_types(namespace: str | ModuleType) -> tuple[type, type]:
@@ -191,13 +207,7 @@ def strategy_launcher(strategy: Any) -> Any:
         PrivateNameMissing: the strategy has no ``_launcher``.
 
     """
-    if not hasattr(strategy, "_launcher"):
-        raise _missing(
-            f"{type(strategy).__qualname__}._launcher",
-            "CompressedDDP brings rank 0's counters back from spawned processes",
-            namespace_of(strategy),
-        )
-    return strategy._launcher
+    return _strategy_attribute(strategy, "_launcher", "CompressedDDP brings rank 0's counters back")
 
 
 def set_strategy_launcher(strategy: Any, launcher: Any) -> None:
@@ -213,13 +223,13 @@ def strategy_start_method(strategy: Any) -> str:
         PrivateNameMissing: the strategy has no ``_start_method``.
 
     """
-    if not hasattr(strategy, "_start_method"):
-        raise _missing(
-            f"{type(strategy).__qualname__}._start_method",
-            "CompressedDDP starts its spawn launcher with the strategy's start method",
-            namespace_of(strategy),
-        )
-    return strategy._start_method
+    return _strategy_attribute(strategy, "_start_method", "CompressedDDP starts its spawn launcher with it")
+
+
+def _strategy_attribute(strategy: Any, name: str, needed_for: str) -> Any:
+    if not hasattr(strategy, name):
+        raise _missing(f"{type(strategy).__qualname__}.{name}", needed_for, namespace_of(strategy))
+    return getattr(strategy, name)
 
 
 def check_strategy_overrides(strategy_type: type) -> None:
@@ -289,19 +299,20 @@ def grad_scaler_scale(scaler: Any) -> Tensor | None:
     Read from ``GradScaler._scale``: the public ``get_scale()`` returns a Python float, a device
     sync per step.
 
-    Returns:
-        The scale tensor (on the scaler's device, float32), or ``None`` for a disabled scaler or
-        before the first ``scaler.scale(loss)``.
+    A scaler without ``_scale`` (another torch, or a scaler of the user's own with the public
+    API only) is read through ``get_scale()``: correct, at one host sync per step (the public API
+    is a fallback, not a silent switch-off; ``tests/test_compat.py`` pins ``_scale`` itself).
 
-    Raises:
-        PrivateNameMissing: an enabled scaler has no ``_scale``.
+    Returns:
+        The scale tensor (float32; on the scaler's device, or the CPU when read through
+        ``get_scale()``), or ``None`` for a disabled scaler or before the first
+        ``scaler.scale(loss)``.
 
     """
     if not scaler.is_enabled():
         return None
     if not hasattr(scaler, "_scale"):
-        why = "the exchange divides the loss scale out without a host sync"
-        raise _missing(f"{type(scaler).__qualname__}._scale", why)
+        return torch.tensor(float(scaler.get_scale()), dtype=torch.float32)
     scale = scaler._scale
     return scale if isinstance(scale, Tensor) else None
 

@@ -160,6 +160,9 @@ class CompressedDDPMixin:
         super().__init__(**kwargs)
         #: optimizer steps taken (identical on every rank; checkpointed)
         self.optimizer_steps = 0
+        # this rank's part of a loaded checkpoint, applied when fit wraps the model (a
+        # validate/test with ckpt_path loads the checkpoint too, and must not touch the ledger)
+        self._restored: dict[str, Any] | None = None
         #: a gloo group for gathering checkpoint state on CPU when the default group is not gloo
         self._cpu_group: Any = None
 
@@ -253,19 +256,20 @@ class CompressedDDPMixin:
                 "CompressedDDP runs on a single process (world size 1): there is no gradient exchange, so "
                 f"the codec ({self.compressor!r}) is skipped and gradients stay exact; nothing is counted"
             )
+        self._apply_restored()
         self.sync.setup(self.sync_context)
 
     @property
     def sync_context(self) -> SyncContext:
         """What the schedule sees of this run (see :class:`~lightning_compress.sync.SyncContext`)."""
-        assert self.lightning_module is not None
+        module = self.lightning_module
         return SyncContext(
             comm=self.comm_state,
-            module=self.lightning_module,
+            module=module,  # type: ignore[arg-type]
             model=self.model,
             rank=self.global_rank,
             world_size=self.world_size,
-            trainer=self.lightning_module.trainer,
+            trainer=module.trainer if module is not None else None,
             scaler=getattr(self.precision_plugin, "scaler", None),
             _optimizers=lambda: self.optimizers,
             _steps_done=lambda: self.optimizer_steps,
@@ -326,7 +330,9 @@ class CompressedDDPMixin:
 
         output = super().optimizer_step(optimizer, run_closure, model, **kwargs)
         self.sync.after_optimizer_step(ctx, optimizer, self.optimizer_steps)
-        if self.world_size > 1:  # one ledger step per optimizer step, whoever communicated in it
+        if self.world_size > 1 or type(self.sync) is not SyncSchedule:
+            # one ledger step per optimizer step, whoever communicated in it (a single process
+            # has no hook and counts nothing, unless a schedule averages)
             self.comm_state.close_step(owner=True)
         self.optimizer_steps += 1
         return output
@@ -388,17 +394,14 @@ class CompressedDDPMixin:
         return checkpoint
 
     def restore_compression_state(self, checkpoint: dict[str, Any]) -> None:
-        """Take this rank's compression state from a checkpoint dict.
-
-        Counters apply now; the exchange's memories and the schedule's state are stashed by their
-        own ``load_state_dict`` and applied once the model is wrapped (declared state).
-        """
+        """Take this rank's compression state from a checkpoint dict (applied when fit wraps the model)."""
         entry = checkpoint.get(CHECKPOINT_KEY)
         if entry is None:
             rank_zero_warn(
                 "CompressedDDP: the checkpoint holds no compression state (saved by another strategy?); "
                 "error-feedback memory and schedule state start fresh"
             )
+            self._restored = None
             return
         # every rank checks every rank's part: all raise the same error together, no collective
         validate_entry(entry)
@@ -407,9 +410,15 @@ class CompressedDDPMixin:
                 f"CompressedDDP: the checkpoint was saved by {entry['world_size']} ranks, this run has "
                 f"{self.world_size}; per-rank error-feedback memory starts fresh"
             )
-            self.optimizer_steps = int(entry["ranks"][0]["optimizer_steps"])
+            self._restored = {"optimizer_steps": entry["ranks"][0]["optimizer_steps"]}
             return
-        restored = entry["ranks"][self.global_rank]
+        self._restored = entry["ranks"][self.global_rank]
+
+    def _apply_restored(self) -> None:
+        """Hand the loaded parts to their owners, which apply them once they can (declared state)."""
+        restored, self._restored = self._restored, None
+        if restored is None:
+            return
         self.optimizer_steps = int(restored["optimizer_steps"])
         if "comm" in restored:
             self.comm_state.load_state_dict(restored["comm"])
