@@ -53,7 +53,7 @@ class FirstNExchange:
     :meth:`collect`, :meth:`finish`.
 
     Args:
-        store: a store every rank reaches (e.g. ``dist.distributed_c10d._get_default_store()``),
+        store: a store every rank reaches (e.g. ``lightning_compress._compat.default_store()``),
             already prefixed so that its keys belong to this run.
         rank: this rank.
         world_size: ``W``.

@@ -60,7 +60,6 @@ if TYPE_CHECKING:
 
     from torch.optim import Optimizer
 
-
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
