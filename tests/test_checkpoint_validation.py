@@ -139,7 +139,11 @@ def _load_everything(entry, factory) -> None:
         strategy.comm_state._lay_out(tuple(names), (), torch.device("cpu"))
         strategy.sync.load_state_dict(rank["sync"])
         loaded = getattr(strategy.sync, "_restored", None)
-        if loaded:  # PeriodicAveraging: applied in setup, once the model is wrapped
+        if loaded and isinstance(strategy.sync, BackupWorkers):  # laid out at the first encode
+            limit = strategy.comm_state.min_compression_size
+            large = [(n, p) for n, p in module.named_parameters() if p.numel() >= limit]
+            strategy.sync._memory_for(large, torch.device("cpu"))
+        elif loaded:  # PeriodicAveraging: applied in setup, once the model is wrapped
             ctx = SimpleNamespace(comm=strategy.comm_state, model=module, optimizers=[])
             strategy.sync._bind(module, ctx)
             # False (start fresh, with a warning) when the layout is gone: allowed, not a crash

@@ -109,6 +109,7 @@ from lightning_compress.comm.first_n import (
 from lightning_compress.exchange import (
     COMPRESSED,
     ExchangeMemory,
+    Layout,
     encode_with_feedback,
     on_nonfinite,
     split_by_size,
@@ -198,8 +199,6 @@ class BackupWorkers(SyncSchedule):
         self.skipped_total = 0
         #: error-feedback memory of the compressed part (per parameter name)
         self.memory = ExchangeMemory()
-        # a loaded (residual, parameter names), laid out at the first encode
-        self._restored_residual: tuple[Tensor | None, tuple[str, ...]] | None = None
         # commits this step's error-feedback update once the step is known to be applied
         self.add_transient("_pending")
         self.add_transient("_exchange")
@@ -351,18 +350,21 @@ class BackupWorkers(SyncSchedule):
     def _memory_for(self, large: list[tuple[str, Tensor]], device: torch.device) -> ExchangeMemory:
         """The error-feedback memory laid out over ``large`` (a restored residual placed by name)."""
         layout = tuple((n, p.numel()) for n, p in large)
-        restored, self._restored_residual = self._restored_residual, None
-        if restored is not None:
-            flat, names = restored
-            self.memory.reset()
-            fits = names == tuple(n for n, _ in layout) and flat is not None
-            if fits and flat.numel() == sum(m for _, m in layout):
-                parts = flat.to(device=device, dtype=torch.float32).split([m for _, m in layout])
-                pools = {"residuals": dict(zip(names, parts, strict=True))}
-                self.memory.relayout(layout, (), device, pools=pools)
-                return self.memory
-        self.memory.relayout(layout, (), device)
+        if not self.apply_restored(layout, device):
+            self.memory.relayout(layout, (), device)
         return self.memory
+
+    def _load_state(self, state: dict[str, Any], layout: Layout, device: torch.device) -> None:
+        # a loaded residual goes back where its parameter names still fit this step's layout
+        flat, names = state["residual"], tuple(state["residual_layout"])
+        self.memory.reset()
+        fits = names == tuple(n for n, _ in layout) and flat is not None
+        if fits and flat.numel() == sum(m for _, m in layout):
+            parts = flat.to(device=device, dtype=torch.float32).split([m for _, m in layout])
+            pools = {"residuals": dict(zip(names, parts, strict=True))}
+            self.memory.relayout(layout, (), device, pools=pools)
+        else:
+            self.memory.relayout(layout, (), device)
 
     def _encode(self, ctx: SyncContext, params: list[tuple[str, Tensor]], step: int) -> bytes:
         comm = ctx.comm
@@ -523,8 +525,9 @@ class BackupWorkers(SyncSchedule):
     def state_dict(self) -> dict[str, Any]:
         residual = self.memory.v.residuals.get(COMPRESSED)
         names = tuple(n for n, _ in self.memory.layout)
-        if self._restored_residual is not None:  # restored, not laid out yet
-            residual, names = self._restored_residual
+        pending = self.__dict__.get("_restored")
+        if pending is not None:  # restored, not laid out yet
+            residual, names = pending["residual"], tuple(pending["residual_layout"])
         return {
             "backups": self.backups,
             "residual": None if residual is None else residual.detach().clone(),
@@ -538,7 +541,9 @@ class BackupWorkers(SyncSchedule):
         if "residual" not in state:
             raise ValueError("BackupWorkers state is missing 'residual'; was it saved by BackupWorkers?")
         self.memory.reset()
-        self._restored_residual = (state["residual"], tuple(state.get("residual_layout", ())))
+        # the residual is laid out at the first encode, once the layout and the device are known
+        layout = state.get("residual_layout", ())
+        super().load_state_dict({"residual": state["residual"], "residual_layout": layout})
         self.dropped_total = int(state.get("dropped_total", 0))
         self.straggled_total = int(state.get("straggled_total", 0))
         self.skipped_total = int(state.get("skipped_total", 0))
