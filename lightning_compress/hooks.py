@@ -443,6 +443,33 @@ class CompressionState(DeclaredState):
             #     needed; with nonfinite="ignore" values are written as they come, like DDP.
             write_flat_(large_views, average, saturate=check)
 
+    # -- what the exchange's owners report (the only writers of the per-step outcome) ----------
+    def begin_step(self, communicate: bool) -> None:
+        """Before a step's backward: whether the hook exchanges in it, and no skip decided yet."""
+        self.communicate = communicate
+        self.last_step_skipped = False
+
+    def skip_step(self, counted: bool = True) -> None:
+        """Drop this step's optimizer update on this rank (a schedule found NaN/Inf); count it."""
+        self.last_step_skipped = True
+        if counted:
+            self.skipped_steps += 1
+
+    def count_discarded(self) -> None:
+        """Count steps discarded after the fact (this rank was left out of a model average)."""
+        self.skipped_steps += 1
+
+    def exchanged_elsewhere(self, step: int, compressed: bool, grad_norm: float | None = None) -> None:
+        """An exchange done outside the hook (backup workers' store) ran for optimizer step ``step``.
+
+        Keeps the hook's counters as if it had run: the exchange count, whether the codec was
+        used, and the reduced pre-compression norm a policy decides from (``None``: unchanged).
+        """
+        self.step = step + 1
+        self.last_compressed = compressed
+        if grad_norm is not None:
+            self.last_grad_norm = grad_norm
+
     def close_step(self, owner: bool = False) -> None:
         """Close the ledger's step: the only place it is closed (one step per optimizer step).
 

@@ -299,10 +299,9 @@ class CompressedDDPMixin:
 
     @override
     def pre_backward(self, closure_loss: Tensor) -> None:
-        self.comm_state.communicate = self.sync.communicates(self.optimizer_steps)
-        # reset before the backward whose exchange decides it (in manual optimization the
-        # backward runs before optimizer_step)
-        self.comm_state.last_step_skipped = False
+        # before the backward whose exchange decides whether the step is skipped (in manual
+        # optimization the backward runs before optimizer_step)
+        self.comm_state.begin_step(self.sync.communicates(self.optimizer_steps))
         super().pre_backward(closure_loss)
 
     @override
@@ -319,7 +318,7 @@ class CompressedDDPMixin:
         if module is None or module.automatic_optimization:
             # the closure below runs this step's backward (or a backup worker skips it); in manual
             # optimization the backward already ran and set the flag (reset in pre_backward)
-            self.comm_state.last_step_skipped = False
+            self.comm_state.begin_step(self.sync.communicates(step))
 
         def run_closure() -> Any:
             # the schedule runs forward/backward and may replace the gradients (backup workers)

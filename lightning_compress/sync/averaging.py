@@ -315,8 +315,9 @@ class PeriodicAveraging(SyncSchedule):
 
     def _on_local_nonfinite(self, ctx: SyncContext, step: int) -> None:
         comm = ctx.comm
-        # CompressedDDP drops the gradients: no update on this rank, nothing non-finite to average
-        comm.last_step_skipped = True
+        # CompressedDDP drops the gradients: no update on this rank, nothing non-finite to average;
+        # counted as skipped under "skip" ("raise" raises at the next exchange between ranks)
+        comm.skip_step(counted=comm.nonfinite != "raise")
         message = (f"{type(self).__name__}: non-finite gradients (NaN/Inf) on rank "
                    f"{dist.get_rank(comm.process_group)} at local step {step}")
         if comm.nonfinite == "raise":
@@ -327,7 +328,6 @@ class PeriodicAveraging(SyncSchedule):
             log.error("%s: gradients dropped; every rank raises FloatingPointError at the next exchange "
                       "between ranks (a sync point's average, or the end of fit)", message)
             return
-        comm.skipped_steps += 1
         log.warning("%s: step skipped on this rank only; a local step, so the other ranks are unaffected "
                     "and nothing non-finite reaches the next average", message)
 
@@ -365,7 +365,7 @@ class PeriodicAveraging(SyncSchedule):
                     "point after step %d: left out of the average, they continue from the average of the "
                     "other %d", name, n_bad, world, step, world - n_bad)
         if mine:
-            comm.skipped_steps += 1
+            comm.count_discarded()
             log.warning("%s: rank %d was left out: its steps since the previous sync point are discarded and "
                         "its optimizer state restarts", name, dist.get_rank(comm.process_group))
 

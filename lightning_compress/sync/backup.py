@@ -285,8 +285,8 @@ class BackupWorkers(SyncSchedule):
         params = self._params(optimizer)
         comm = ctx.comm
         _, large, warm = self._split(ctx, params, step)
-        comm.last_compressed = bool(large) and not warm
-        if comm.last_compressed:
+        compressed = bool(large) and not warm
+        if compressed:
             # every rank, contributing, late or skipped, before any compute: the policy's state
             # advances identically, from the norm in the last applied step's headers (the same
             # bytes on every rank) and this step's number
@@ -306,14 +306,14 @@ class BackupWorkers(SyncSchedule):
         payloads = exchange.collect(step)  # 4.
         self.last_wait_s = time.perf_counter() - start
         try:
-            contributors = self._decode_into(ctx, params, step, payloads)
+            contributors, grad_norm = self._decode_into(ctx, params, step, payloads)
         finally:
             exchange.finish(step)  # 5. (also when every rank raises for non-finite gradients)
 
         if sent:
             comm.ledger.record(sent, sent)  # the strategy closes the ledger's step
         # the hook counts its flushes; a skipped step had none, and every rank must agree on it
-        comm.step = step + 1
+        comm.exchanged_elsewhere(step, compressed, grad_norm)
         self.last_step = step
         self.last_contributors = contributors
         self.last_dropped = tuple(r for r in range(self._world_size) if r not in contributors)
@@ -403,7 +403,7 @@ class BackupWorkers(SyncSchedule):
 
     def _decode_into(
         self, ctx: SyncContext, params: list[tuple[str, Tensor]], step: int, payloads: list[bytes]
-    ) -> tuple[int, ...]:
+    ) -> tuple[tuple[int, ...], float | None]:
         comm = ctx.comm
         codec: Compressor = comm.compressor
         dense, large, warm = self._split(ctx, params, step)
@@ -437,7 +437,7 @@ class BackupWorkers(SyncSchedule):
         pending, self._pending = self._pending, None
         if bad:
             self._on_nonfinite(comm, step, sorted(bad))
-            return contributors
+            return contributors, None
         if pending is not None:
             pending()  # the step is applied: this contributor's error-feedback update stands
         count = len(received)
@@ -457,9 +457,8 @@ class BackupWorkers(SyncSchedule):
                     large_sum.add_(codec.decompress(payload).reshape(-1).to(torch.float32), alpha=1.0 / count)
         _write_grads(dense, dense_sum)
         _write_grads(large, large_sum)
-        if n_large:  # the contributors' pre-compression norm, from the same headers on every rank
-            comm.last_grad_norm = math.sqrt(math.fsum(norms_sq) / count)
-        return contributors
+        # the contributors' pre-compression norm, from the same headers on every rank
+        return contributors, math.sqrt(math.fsum(norms_sq) / count) if n_large else None
 
     def _on_nonfinite(self, comm: CompressionState, step: int, ranks: list[int]) -> None:
         # same contract as the DDP hook's `nonfinite` (CompressedDDP drops the step on
@@ -469,8 +468,7 @@ class BackupWorkers(SyncSchedule):
             f"at step {step}"
         )
         on_nonfinite(comm.nonfinite, message, "error-feedback memory untouched")
-        comm.last_step_skipped = True
-        comm.skipped_steps += 1
+        comm.skip_step()
 
     # -- Lightning's per-batch SIGTERM broadcast ---------------------------------------------------
     def _replace_sigterm_broadcast(self, trainer: Any) -> None:

@@ -236,7 +236,7 @@ class OverlapLocalSGD(PeriodicAveraging):
         assert self.z is not None
         write_flat_(tensors, self.z)  # restart from the anchor, finite and identical on every rank
         reset_optimizer_state(optimizers, self._params)
-        cs.skipped_steps += 1
+        cs.count_discarded()
         log.warning("%s: non-finite parameters or optimizer state (NaN/Inf) on rank %d at the sync point "
                     "after step %d: this rank restarts from the anchor with fresh optimizer state and is "
                     "left out of the next anchor average; the other ranks are unaffected",

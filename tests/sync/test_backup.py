@@ -321,6 +321,8 @@ def test_monitor_logs_contributions_and_dropped_ranks(tmp_path):
     logged = [r for r in rows if r.get("backup/contributions")]
     assert logged, "the monitor did not log the schedule's metrics"
     assert all(float(r["backup/contributions"]) == 2.0 and float(r["backup/dropped"]) == 1.0 for r in logged)
+    # the store exchange went through the codec: the monitor logs its setting as for the hook
+    assert all(float(r["comm/bit_width"]) == 4.0 for r in logged), logged[0]
 
 
 class _RecordingDQ:
