@@ -197,10 +197,10 @@ def split_by_size(
     return dense, large
 
 
-def flatten(tensors: Sequence[Tensor], device: torch.device | None = None) -> Tensor:
+def flatten(tensors: Sequence[Tensor]) -> Tensor:
     """Concatenate ``tensors`` into one new flat float32 vector (empty if there are none)."""
     if not tensors:
-        return torch.empty(0, dtype=torch.float32, device=device)
+        return torch.empty(0, dtype=torch.float32)
     return torch.cat([t.detach().reshape(-1).to(torch.float32) for t in tensors])
 
 
