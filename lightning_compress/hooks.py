@@ -563,7 +563,7 @@ class CompressionState(DeclaredState):
     def state_dict(self) -> dict[str, Any]:
         """This rank's state: v and u per parameter name, counters, RNG, ledger."""
         pools = self.exchange_memory.by_name()
-        pending = self.__dict__.get("_restored") or {}  # restored, not laid out yet
+        pending = self.pending_state or {}  # restored, not laid out yet
         state: dict[str, Any] = super().state_dict()
         state.update(
             ledger=self.ledger.state_dict(),

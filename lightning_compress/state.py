@@ -35,6 +35,7 @@ class _Declared:
     default: Any
     factory: Callable[[], Any] | None
     persistent: bool
+    transient: bool = False
 
     def fresh(self) -> Any:
         return self.factory() if self.factory is not None else copy.copy(self.default)
@@ -89,16 +90,9 @@ class DeclaredState:
         The default is kept (and pickled) with the declaration: make it a plain value such as
         ``None``, and assign a process-bound object (a process group) after declaring.
         """
-        self._declarations()[name] = _Declared(default, factory, persistent=False)
-        self._transients().add(name)
-        setattr(self, name, self._declarations()[name].fresh())
-
-    def _transients(self) -> set[str]:
-        found = self.__dict__.get("_transient_names")
-        if found is None:
-            found = set()
-            object.__setattr__(self, "_transient_names", found)
-        return found
+        decl = _Declared(default, factory, persistent=False, transient=True)
+        self._declarations()[name] = decl
+        setattr(self, name, decl.fresh())
 
     def reset_state(self, *names: str) -> None:
         """Put ``names`` (default: every declared name) back at their defaults."""
@@ -112,7 +106,7 @@ class DeclaredState:
         return {
             name: detached_copy(getattr(self, name))
             for name, decl in self._declarations().items()
-            if decl.persistent and name not in self._transients()
+            if decl.persistent
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -127,13 +121,18 @@ class DeclaredState:
         self._restored = dict(state) if state else None
 
     @property
+    def pending_state(self) -> dict[str, Any] | None:
+        """The loaded state that waits for :meth:`apply_restored` (``None``: none waits)."""
+        return self.__dict__.get("_restored")
+
+    @property
     def restore_pending(self) -> bool:
         """Whether a loaded state waits for :meth:`apply_restored`."""
-        return self.__dict__.get("_restored") is not None
+        return self.pending_state is not None
 
     def apply_restored(self, *args: Any, **kwargs: Any) -> bool:
         """Apply the stashed state, if any (``args`` go to :meth:`_load_state`); whether there was one."""
-        state = self.__dict__.get("_restored")
+        state = self.pending_state
         self._restored = None
         if state is None:
             return False
@@ -149,9 +148,9 @@ class DeclaredState:
     # -- pickling for spawn -------------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
         d = self.__dict__.copy()
-        declared = self._declarations()
-        for name in self._transients():
-            d[name] = declared[name].fresh()
+        for name, decl in self._declarations().items():
+            if decl.transient:
+                d[name] = decl.fresh()
         return d
 
 

@@ -205,12 +205,13 @@ class CompressedDDPMixin:
         check_strategy_overrides(type(self))
         # every rank, before DDP's own collectives: settings that differ fail here, by name
         check_settings_agree(settings_of(self), what="CompressedDDP")
+        # before the schedule's setup (inside super().setup), which may refuse a GradScaler
+        self._attach_scaler()
         super().setup(trainer)
         if dist.is_initialized() and self.world_size > 1 and dist.get_backend() != "gloo":
             # NCCL's gather_object would stage every rank's state on rank 0's GPU; gloo keeps it on
             # the host (created on every rank, here, in the same order: a collective call)
             self._cpu_group = dist.new_group(backend="gloo")
-        self._attach_scaler()
         self._warn_double_momentum()
 
     def _attach_scaler(self) -> None:
@@ -270,7 +271,6 @@ class CompressedDDPMixin:
             rank=self.global_rank,
             world_size=self.world_size,
             trainer=module.trainer if module is not None else None,
-            scaler=getattr(self.precision_plugin, "scaler", None),
             _optimizers=lambda: self.optimizers,
             _steps_done=lambda: self.optimizer_steps,
         )

@@ -473,7 +473,7 @@ class PeriodicAveraging(SyncSchedule):
 
     def apply_restored(self, ctx: SyncContext) -> bool:  # type: ignore[override]
         """Apply a loaded :meth:`state_dict` (stashed by ``load_state_dict``); whether it fit this model."""
-        state = self.__dict__.get("_restored")
+        state = self.pending_state
         self._restored = None
         return bool(state) and self._restore(state, ctx)
 

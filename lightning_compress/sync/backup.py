@@ -240,7 +240,7 @@ class BackupWorkers(SyncSchedule):
                 "BackupWorkers does not support CountSketch: Sketched SGD's exchange needs a second round "
                 "among the same ranks; use QSGD, TopK or NoCompression (or backups=0)"
             )
-        if ctx.scaler is not None:
+        if ctx.comm.scaler is not None:
             raise ValueError(
                 "BackupWorkers does not support precision='16-mixed' (its GradScaler skips steps per rank, "
                 "so ranks would diverge); use '32-true' or 'bf16-mixed'"
@@ -523,7 +523,7 @@ class BackupWorkers(SyncSchedule):
     def state_dict(self) -> dict[str, Any]:
         residual = self.memory.v.residuals.get(COMPRESSED)
         names = tuple(n for n, _ in self.memory.layout)
-        pending = self.__dict__.get("_restored")
+        pending = self.pending_state
         if pending is not None:  # restored, not laid out yet
             residual, names = pending["residual"], tuple(pending["residual_layout"])
         return {

@@ -30,7 +30,8 @@ class SyncContext:
         rank: this rank in the process group.
         world_size: ranks in the process group.
         trainer: the Lightning ``Trainer``.
-        scaler: the precision plugin's ``GradScaler`` (``precision="16-mixed"``), else ``None``.
+
+    The precision plugin's ``GradScaler`` (``precision="16-mixed"``) is ``comm.scaler``.
 
     """
 
@@ -40,7 +41,6 @@ class SyncContext:
     rank: int
     world_size: int
     trainer: Any
-    scaler: Any
     _optimizers: Callable[[], Sequence[Optimizer]]
     _steps_done: Callable[[], int]
 

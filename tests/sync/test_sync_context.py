@@ -18,7 +18,6 @@ def _context(comm, module, optimizers, rank, world, steps):
         rank=rank,
         world_size=world,
         trainer=None,
-        scaler=None,
         _optimizers=lambda: optimizers,
         _steps_done=lambda: steps[0],
     )
