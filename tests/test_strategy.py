@@ -81,10 +81,10 @@ def test_ledger_matches_payload_formula():
     large = sum(n for _, n in sizes if n >= 256)
     small = sum(n for _, n in sizes if n < 256)
     codec = QSGD(bits=4)
-    shard = -(-large // 2)
-    # all-to-all of 2 shards, all-gather of 1, dense small tensors + the 4-byte non-finite flag in
-    # the dense allreduce (no policy: the squared norm a policy decides from is not sent)
-    per_step = 2 * codec.payload_nbytes(shard) + codec.payload_nbytes(shard) + 4 * small + 4
+    # 2 ranks: one all-gather of the whole payload (chunks add up to it exactly), dense small
+    # tensors + the 4-byte non-finite flag in the dense allreduce (no policy: the squared norm a
+    # policy decides from is not sent)
+    per_step = codec.payload_nbytes(large) + 4 * small + 4
     for r in results:
         assert r["last"].payload_bytes == per_step
         assert r["total"].payload_bytes == 3 * per_step

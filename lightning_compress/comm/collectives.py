@@ -24,10 +24,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_compress._compat import all_gather_single
+from lightning_compress.comm.engine import CHUNK_NUMEL, PipelinedExchange
 from lightning_compress.comm.ledger import (
     BitLedger,
     all_gather_wire_bytes,
-    all_to_all_wire_bytes,
     allreduce_wire_bytes,
 )
 from lightning_compress.compressors.base import Compressor
@@ -114,64 +114,27 @@ def two_phase_allreduce(
     ledger: BitLedger | None,
     generator: torch.Generator | None = None,
     want_local: bool = False,
+    collective: str | None = "two_phase",
+    chunk_numel: int = CHUNK_NUMEL,
 ) -> ExchangeResult:
-    """Compressed allreduce in two phases, for fixed-size payloads (quantizers).
+    """Compressed allreduce for fixed-size payloads (quantizers), in pipelined chunks.
 
-    1. Cut ``x`` into ``W`` equal shards (zero-padded) and compress each one.
+    With ``collective="two_phase"`` (the default here), per chunk:
+
+    1. Cut the chunk into ``W`` equal shards (zero-padded) and compress each one.
     2. All-to-all: rank ``r`` receives every rank's payload of shard ``r``.
     3. Rank ``r`` decodes and averages its shard, then re-compresses the average (stochastic
        rounding keeps it unbiased).
     4. All-gather of the re-compressed shards; every rank decodes all of them.
 
     Each rank sends about ``2·(W−1)/W·d·B/8`` bytes whatever ``W`` is, like a ring allreduce of
-    ``B``-bit values, whereas gathering every rank's full payload would grow as ``(W−1)·d·B/8``.
+    ``B``-bit values, whereas gathering every rank's full payload grows as ``(W−1)·d·B/8``.
+    ``collective="allgather"`` gathers every rank's payload instead (one collective, no
+    re-encoding), and ``None`` chooses by cost: see :mod:`lightning_compress.comm.engine`, which
+    also describes the pipeline.
     """
-    world = _world(group)
-    n = x.numel()
-    shard = -(-n // world)
-    padded = x if shard * world == n else torch.nn.functional.pad(x, (0, shard * world - n))
-
-    # 1. compress every shard; equal shard sizes give equal payload sizes
-    payloads = [compressor.compress(padded[r * shard : (r + 1) * shard], generator) for r in range(world)]
-    send = torch.cat([p.to_bytes() for p in payloads])
-    chunk = send.numel() // world
-    if ledger is not None:
-        ledger.record_coords(n, payloads[0].nbytes * world, world)
-
-    # 2. all-to-all of compressed shards
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)
-    if ledger is not None:
-        ledger.record(send.numel(), all_to_all_wire_bytes(send.numel(), world))
-
-    # 3. decode-and-average the shard this rank owns (each payload divided by W as it is added:
-    #    the sum of W decoded values near float32's maximum would overflow), re-compress it
-    mine = torch.zeros(shard, dtype=torch.float32, device=x.device)
-    for r in range(world):
-        decoded = compressor.decompress(
-            compressor.from_bytes(recv[r * chunk : (r + 1) * chunk], (shard,), torch.float32)
-        )
-        mine.add_(decoded, alpha=1.0 / world)
-    reduced = compressor.compress(mine, generator).to_bytes()
-
-    # 4. all-gather of the re-compressed shards, decoded identically on every rank
-    gathered = torch.empty(world * reduced.numel(), dtype=torch.uint8, device=x.device)
-    all_gather_single(gathered, reduced, group=group)
-    if ledger is not None:
-        ledger.record(reduced.numel(), all_gather_wire_bytes(reduced.numel(), world))
-    step = reduced.numel()
-    average = torch.cat(
-        [
-            compressor.decompress(
-                compressor.from_bytes(gathered[r * step : (r + 1) * step], (shard,), torch.float32)
-            )
-            for r in range(world)
-        ]
-    )[:n]
-
-    local = None
-    if want_local:
-        local = torch.cat([compressor.decompress(p) for p in payloads])[:n]
+    engine = PipelinedExchange(compressor, group, ledger, generator, collective, chunk_numel)
+    average, local = engine(x, want_local)
     return ExchangeResult(average, local)
 
 
@@ -278,7 +241,8 @@ def exchange(
             ledger.record_coords(x.numel(), compressor.payload_nbytes(x.numel()), _world(group))
         return ExchangeResult(allreduce_mean(y, group, ledger), x.to(torch.float32) if want_local else None)
     if kind == "two_phase":
-        return two_phase_allreduce(compressor, x, group, ledger, generator, want_local)
+        # the collective chosen by cost: an all-gather for 2 ranks, the two phases from 3 on
+        return two_phase_allreduce(compressor, x, group, ledger, generator, want_local, collective=None)
     if kind == "allgather":
         return sparse_allgather(compressor, x, group, ledger, generator, want_local)
     if kind == "sketch":

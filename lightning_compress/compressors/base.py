@@ -125,8 +125,10 @@ class Compressor(ABC):
     :mod:`lightning_compress.comm` moves their payloads between ranks):
 
     - ``"allreduce"``: the payload is a dense tensor; summed with one allreduce.
-    - ``"two_phase"``: fixed-size payloads of a shard-able codec (quantizers): all-to-all of
-      compressed shards, decode-and-sum, re-compress, all-gather.
+    - ``"two_phase"``: fixed-size payloads of a shard-able codec (quantizers), exchanged in
+      pipelined chunks by :mod:`lightning_compress.comm.engine`: an all-gather of every rank's
+      payload for 2 ranks; from 3 on, all-to-all of compressed shards, decode-and-sum,
+      re-compress, all-gather.
     - ``"allgather"``: every rank's payload is gathered and each rank sums the decoded tensors
       (sparse codecs).
     - ``"sketch"``: linear sketches, summed with allreduce, followed by a second round for the
@@ -159,6 +161,14 @@ class Compressor(ABC):
         shape = torch.Size(shape)
         numel = shape.numel()
         return Payload.from_bytes(buf, self.layout(numel), shape, dtype, self.payload_meta(numel))
+
+    def alignment(self) -> int:
+        """Elements a chunk of a chunked exchange should be a multiple of (current settings).
+
+        Cutting a vector at multiples of it changes neither the payload bytes in total nor the
+        codec's statistics (e.g. QSGD's buckets and bit packing stay whole). 1: any cut.
+        """
+        return 1
 
     def meta(self) -> dict[str, Any]:
         """Settings the receiver needs to decode (known on every rank, never sent)."""

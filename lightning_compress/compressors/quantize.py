@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from numbers import Integral
 from typing import Any
 
@@ -144,6 +145,10 @@ class QSGD(Compressor):
     def levels(self) -> int:
         """``s = 2**(bits-1) - 1`` positive levels (1 for 1-bit codes)."""
         return _levels(self._bits)
+
+    def alignment(self) -> int:
+        """Whole buckets (one scale each) of whole bytes of codes: ``lcm(bucket_size, 8)``."""
+        return math.lcm(self._bucket_size, 8)
 
     def meta(self) -> dict[str, Any]:
         return {"bits": self._bits, "bucket_size": self._bucket_size, "norm": self._norm}
