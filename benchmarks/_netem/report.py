@@ -239,7 +239,7 @@ def _link_use(result: BenchmarkResult) -> str:
             if nominal is None:
                 continue
             shown = []
-            for key in ("ddp", "qsgd4"):
+            for key in ("ddp", "qsgd4", "topk"):
                 run = result.find(task, world, rate, key)
                 tx = per_worker_bytes(run).tx if run and run.ok else None
                 if run and tx:
@@ -287,9 +287,12 @@ def _notes(result: BenchmarkResult) -> list[str]:
                 "- **What the links delivered** (interface bytes per step / step time, as a share of the "
                 "nominal rate; the step also computes, so this is a lower bound on the link's speed): "
                 + link_use
-                + ". Stock DDP sends one large allreduce per step; QSGD's exchange is two smaller "
-                "collectives (all-to-all of shards, then all-gather) with decoding and re-encoding "
-                "between them, which tends to leave the link idle part of the time (not profiled further)."
+                + ". Stock DDP sends one large allreduce per step, and its backward pass, forward pass and "
+                "optimizer step run while nothing is on the wire; so do the compressed methods', plus "
+                "their encoding of the first chunk and decoding of the last (QSGD's exchange is "
+                "pipelined in chunks of 1 M elements: `lightning_compress/comm/engine.py`). The shorter "
+                "the transfer, the larger that share of the step: a method that sends 8x fewer bytes "
+                "than DDP keeps its link busy a smaller part of the time."
                 + (
                     " Where even DDP falls far short of the nominal rate (1 Gbit/s here), the emulation "
                     "itself is the limit: veth, bridge and tbf handle every 1448-byte segment in softirq on "

@@ -23,11 +23,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_compress._compat import all_gather_single
-from lightning_compress.comm.engine import CHUNK_NUMEL, PipelinedExchange
+from lightning_compress.comm.engine import CHUNK_NUMEL, PipelinedExchange, all_gather_in_pieces
 from lightning_compress.comm.ledger import (
     BitLedger,
-    all_gather_wire_bytes,
     allreduce_wire_bytes,
 )
 from lightning_compress.compressors.base import Compressor
@@ -159,19 +157,16 @@ def sparse_allgather(
     send = payload.to_bytes()
     if ledger is not None:
         ledger.record_coords(n, payload.nbytes, world)
-    gathered = torch.empty(world * send.numel(), dtype=torch.uint8, device=x.device)
-    all_gather_single(gathered, send, group=group)
-    if ledger is not None:
-        ledger.record(send.numel(), all_gather_wire_bytes(send.numel(), world))
+    # gathered in pieces in flight at once (identical bytes; the link stays busier)
+    gathered = all_gather_in_pieces(send, group, ledger)
 
     total = torch.zeros(n, dtype=torch.float32, device=x.device)
-    step = send.numel()
     scatter_add = getattr(compressor, "scatter_add_into", None)
     # one payload at a time, in rank order: every rank adds in the same order (bit-identical
     # results), and indices are unique inside one payload (no atomic races on CUDA); each
     # payload is divided by W as it is added, so finite values cannot overflow the sum
     for r in range(world):
-        received = compressor.from_bytes(gathered[r * step : (r + 1) * step], (n,), torch.float32)
+        received = compressor.from_bytes(gathered[r], (n,), torch.float32)
         if scatter_add is not None:
             scatter_add(total, received, alpha=1.0 / world)
         else:

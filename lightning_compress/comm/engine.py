@@ -49,6 +49,9 @@ CHUNK_NUMEL = 1 << 20
 
 COLLECTIVES = ("allgather", "two_phase")
 
+#: Bytes per piece when one payload is gathered in pieces (:func:`all_gather_in_pieces`).
+PIECE_BYTES = 1 << 18
+
 
 def choose_collective(world_size: int) -> str:
     """The collective for fixed-size payloads among ``world_size`` ranks, by bytes then collectives.
@@ -72,6 +75,31 @@ def chunk_bounds(numel: int, unit: int, chunk_numel: int = CHUNK_NUMEL) -> list[
     return [(start, min(start + size, numel)) for start in range(0, numel, size)]
 
 
+def all_gather_in_pieces(
+    send: Tensor, group: dist.ProcessGroup | None, ledger: BitLedger | None, piece_bytes: int = PIECE_BYTES
+) -> Tensor:
+    """Every rank's ``send`` (uint8, the same size on every rank) as rows of ``(W, n)``, in rank order.
+
+    For a payload that cannot be cut before it is encoded (Top-K selects over the whole vector):
+    its bytes are gathered in pieces of ``piece_bytes``, all in flight at once (``async_op``), in
+    the same order on every rank. The bytes are those of one all-gather; several collectives in
+    flight keep the link busier than one (see the module docstring).
+    """
+    world = dist.get_world_size(group)
+    pieces = []
+    for a, b in chunk_bounds(send.numel(), 1, piece_bytes):
+        recv = torch.empty(world * (b - a), dtype=torch.uint8, device=send.device)
+        work = all_gather_single(recv, send[a:b], group=group, async_op=True)
+        pieces.append((recv, work))
+        if ledger is not None:
+            ledger.record(b - a, all_gather_wire_bytes(b - a, world))
+    for _, work in pieces:
+        work.wait()
+    if len(pieces) == 1:
+        return pieces[0][0].view(world, -1)
+    return torch.cat([recv.view(world, -1) for recv, _ in pieces], dim=1)
+
+
 @dataclass
 class _Chunk:
     """One chunk's state as it moves through the pipeline's stages."""
@@ -80,6 +108,7 @@ class _Chunk:
     stop: int
     payloads: list[Payload] = field(default_factory=list)  # two-phase: this rank's shards (error feedback)
     shard: int = 0  # two-phase: elements per shard
+    send: Tensor | None = None  # what the pending collective reads (kept alive until it is done)
     recv: Tensor | None = None  # what the pending collective fills
     work: Any = None  # the pending collective
 
@@ -92,6 +121,7 @@ class _Chunk:
         if self.work is not None:
             self.work.wait()
             self.work = None
+        self.send = None
         return self.recv
 
 
@@ -162,7 +192,7 @@ class PipelinedExchange:
     def _gather(self, chunk: _Chunk) -> None:
         """Encode the chunk and start the all-gather of every rank's payload."""
         send, _ = self._encode(self.x[chunk.start : chunk.stop])
-        chunk.shard = chunk.numel
+        chunk.send, chunk.shard = send, chunk.numel
         self._record_coords(chunk.numel, send.numel())
         chunk.recv = torch.empty(self.world * send.numel(), dtype=torch.uint8, device=send.device)
         chunk.work = all_gather_single(chunk.recv, send, group=self.group, async_op=True)
@@ -177,7 +207,7 @@ class PipelinedExchange:
             values = torch.nn.functional.pad(values, (0, shard * world - chunk.numel))
         encoded = [self._encode(values[r * shard : (r + 1) * shard]) for r in range(world)]
         chunk.payloads = [p for _, p in encoded]
-        send = torch.cat([b for b, _ in encoded])
+        send = chunk.send = torch.cat([b for b, _ in encoded])
         self._record_coords(chunk.numel, send.numel())
         chunk.recv = torch.empty_like(send)
         chunk.work = dist.all_to_all_single(chunk.recv, send, group=self.group, async_op=True)
@@ -192,6 +222,7 @@ class PipelinedExchange:
         recv = chunk.wait()
         mine, _ = self._sum_decoded(recv, chunk.shard)
         send, _ = self._encode(mine)
+        chunk.send = send
         chunk.recv = torch.empty(self.world * send.numel(), dtype=torch.uint8, device=send.device)
         chunk.work = all_gather_single(chunk.recv, send, group=self.group, async_op=True)
         self._record(send.numel(), all_gather_wire_bytes(send.numel(), self.world))

@@ -168,3 +168,24 @@ def test_the_hook_exchanges_a_large_gradient_in_chunks():
     # the weight's chunks (one collective each) and the bias with the flag in one dense allreduce
     assert rec.collectives == len(chunk_bounds(1024 * 1100, codec.alignment())) + 1 == 3
     assert rec.payload_bytes == codec.payload_nbytes(1024 * 1100) + 4 * 1100 + 4
+
+
+def _pieces(rank, world):
+    from lightning_compress.comm.engine import all_gather_in_pieces
+
+    init_process_group(rank, world)
+    send = torch.randint(0, 256, (1000,), dtype=torch.uint8, generator=torch.Generator().manual_seed(rank))
+    ledger = BitLedger()
+    rows = all_gather_in_pieces(send, None, ledger, piece_bytes=300)  # 4 pieces, the last short
+    ledger.end_step()
+    whole = torch.empty(world * 1000, dtype=torch.uint8)
+    dist.all_gather_into_tensor(whole, send)
+    return {"rows": rows, "whole": whole, "last": ledger.last}
+
+
+def test_gathering_in_pieces_gives_one_all_gathers_bytes():
+    out = run_distributed(_pieces, 3)
+    for r in out:
+        assert torch.equal(r["rows"], r["whole"].view(3, 1000))  # rank order, nothing moved
+        assert (r["last"].payload_bytes, r["last"].collectives) == (1000, 4)
+        assert r["last"].wire_bytes == all_gather_wire_bytes(1000, 3)
