@@ -10,8 +10,8 @@ Three things make the exchange keep the link busy:
    unchunked one's bytes). Chunk ``i+1`` is encoded while chunk ``i`` is on the wire and chunk
    ``i-1`` is decoded: every collective is issued with ``async_op=True``, and a stage waits only
    for the collective whose result it needs. Measured on a 100 Mbit/s emulated link with two
-   workers (``docs/benchmarks.md``): one 2.2 MB all-gather at a time delivers ~64% of the rate,
-   the same bytes in 2-8 chunks in flight ~90%.
+   workers (``benchmarks/wire.py``, ``docs/benchmarks.md``): one 2.2 MB all-gather at a time
+   delivered 64-78% of the rate, the same bytes as 8 all-gathers in flight 92%.
 2. **The collective chosen by cost** (:func:`choose_collective`). Per rank and per payload byte,
    an all-gather of every rank's payload transmits ``W−1`` bytes in one collective; the two-phase
    exchange (all-to-all of shards, decode-average-re-encode, all-gather of the re-encoded shards)
@@ -44,7 +44,7 @@ from lightning_compress.compressors.base import Compressor, Payload
 
 #: Elements per chunk (4 MiB of float32; 512 KiB of 4-bit codes). Large enough that a chunk's
 #: collective costs far more than issuing it, small enough that a 4 M-parameter gradient makes
-#: 4-5 chunks in flight.
+#: 4-5 chunks (two in flight at a time: chunk ``i+1`` is issued before chunk ``i`` is awaited).
 CHUNK_NUMEL = 1 << 20
 
 COLLECTIVES = ("allgather", "two_phase")
