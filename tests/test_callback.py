@@ -148,13 +148,13 @@ def _split(sizes):
     return large, small
 
 
-def _qsgd_bits_per_coord(bits, sizes, world_size=2):
-    """What the ledger must report for a two-phase QSGD exchange of B bits plus the dense small tensors."""
+def _qsgd_bits_per_coord(bits, sizes):
+    """What the ledger must report for 2 ranks' QSGD exchange of B bits plus the dense small tensors."""
     large, small = _split(sizes)
-    shard = -(-large // world_size)
+    # 2 ranks: one payload of the whole large part, gathered (its chunks add up to it exactly).
     # + 64: the non-finite flag that CompressionState(nonfinite="skip") adds to the dense allreduce,
     # and the squared pre-compression norm the policy decides from; sent (and counted), no coordinates
-    encoded = 8 * world_size * QSGD(bits=bits).payload_nbytes(shard) + 32 * small + 64
+    encoded = 8 * QSGD(bits=bits).payload_nbytes(large) + 32 * small + 64
     return encoded / (large + small)
 
 

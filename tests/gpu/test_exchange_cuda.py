@@ -82,7 +82,7 @@ def check_exchange(rank: int, world_size: int, kind: str) -> None:
         rest = torch.ones(NUMEL, dtype=torch.bool, device=device)
         rest[applied] = False
         assert not average[rest].any()
-    else:  # QSGD: two stochastic roundings (shard, then re-compressed average), unbiased
+    else:  # QSGD: stochastic rounding (2 ranks: one per rank's payload, gathered), unbiased
         scale = truth.norm()
         single = (average - truth).norm() / scale
         assert single < 0.05, single
