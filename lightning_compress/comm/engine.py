@@ -192,11 +192,8 @@ class PipelinedExchange:
     def _gather(self, chunk: _Chunk) -> None:
         """Encode the chunk and start the all-gather of every rank's payload."""
         send, _ = self._encode(self.x[chunk.start : chunk.stop])
-        chunk.send, chunk.shard = send, chunk.numel
         self._record_coords(chunk.numel, send.numel())
-        chunk.recv = torch.empty(self.world * send.numel(), dtype=torch.uint8, device=send.device)
-        chunk.work = all_gather_single(chunk.recv, send, group=self.group, async_op=True)
-        self._record(send.numel(), all_gather_wire_bytes(send.numel(), self.world))
+        self._start_gather(chunk, send)
 
     def _scatter(self, chunk: _Chunk) -> None:
         """Cut the chunk into ``W`` equal shards, encode each, start the all-to-all."""
@@ -222,10 +219,7 @@ class PipelinedExchange:
         recv = chunk.wait()
         mine, _ = self._sum_decoded(recv, chunk.shard)
         send, _ = self._encode(mine)
-        chunk.send = send
-        chunk.recv = torch.empty(self.world * send.numel(), dtype=torch.uint8, device=send.device)
-        chunk.work = all_gather_single(chunk.recv, send, group=self.group, async_op=True)
-        self._record(send.numel(), all_gather_wire_bytes(send.numel(), self.world))
+        self._start_gather(chunk, send)
 
     def _decode(self, chunk: _Chunk) -> None:
         """Wait for the all-gather; decode every rank's part, in rank order, into the average."""
@@ -248,6 +242,13 @@ class PipelinedExchange:
         chunk.payloads = []
 
     # -- helpers -------------------------------------------------------------------------------
+    def _start_gather(self, chunk: _Chunk, send: Tensor) -> None:
+        """Start the all-gather of every rank's ``send`` into the chunk (and record its bytes)."""
+        chunk.send = send
+        chunk.recv = torch.empty(self.world * send.numel(), dtype=torch.uint8, device=send.device)
+        chunk.work = all_gather_single(chunk.recv, send, group=self.group, async_op=True)
+        self._record(send.numel(), all_gather_wire_bytes(send.numel(), self.world))
+
     def _sum_decoded(
         self, recv: Tensor, numel: int, out: Tensor | None = None, keep_own: bool = False
     ) -> tuple[Tensor, Tensor | None]:
