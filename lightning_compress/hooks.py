@@ -20,6 +20,13 @@ How it works (and why it is safe on gloo with many buckets):
    that is a collective mismatch.
 3. The averages are written back into the bucket buffers and every future is completed.
 
+A quantizer without a policy (:class:`~lightning_compress.compressors.QSGD`, whose payload size
+depends only on the element count) does not wait for the last bucket: from its second exchange
+on, the hook streams each bucket into the fused vector as it arrives and puts every chunk whose
+values are final on the wire at once, while backward goes on, in a fixed order that is the same
+on every rank (:mod:`lightning_compress.comm.stream`). The result is bit-identical to the fused
+exchange's; :attr:`CompressionState.overlap_backward` turns it off.
+
 A plain float exchange (:class:`~lightning_compress.compressors.NoCompression`, no exchange
 momentum, no policy) has nothing to fuse: each bucket's allreduce starts as soon as DDP hands it
 over, as DDP's default hook does (:meth:`CompressionState.plain_allreduce`), so metering stock DDP
@@ -46,10 +53,18 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_compress._compat import grad_scaler_scale
-from lightning_compress.comm.collectives import allreduce_mean, nonfinite_flag, write_flat_
+from lightning_compress.comm.collectives import (
+    allreduce_mean,
+    nonfinite_flag,
+    start_allreduce_mean,
+    write_flat_,
+)
+from lightning_compress.comm.engine import PipelinedExchange
 from lightning_compress.comm.ledger import BitLedger, allreduce_wire_bytes
+from lightning_compress.comm.stream import GradientStream, StreamPlan
 from lightning_compress.compressors import Compressor, NoCompression, resolve_compressor
 from lightning_compress.exchange import (
+    COMPRESSED,
     ExchangeConfig,
     ExchangeMemory,
     Layout,
@@ -163,6 +178,17 @@ class CompressionState(DeclaredState):
         self.add_transient("names", factory=dict)
         self.add_transient("_pending", factory=list)  # parked buckets: (buffer, params, future)
         self.add_transient("_inflight", factory=list)  # plain allreduce: the works of this step's buckets
+        #: where each compressed parameter lies in the fused vector, learnt from a fused step
+        #: (:class:`~lightning_compress.comm.stream.StreamPlan`); ``None`` until then
+        self.add_transient("_plan")
+        self.add_transient("_stream")  # this step's GradientStream, from the first bucket to the last
+        #: chunks of the last exchange put on the wire before its last bucket arrived, while
+        #: backward ran (0: the fused exchange, or a single DDP bucket)
+        self.early_chunks = 0
+        #: stream a quantizer's chunks onto the wire as DDP's buckets arrive, while backward runs
+        #: (:mod:`lightning_compress.comm.stream`); False exchanges the fused gradient at the last
+        #: bucket. Both give bit-identical results; streaming needs several DDP buckets to gain.
+        self.overlap_backward = True
         #: a per-step policy (:mod:`lightning_compress.policies`), set by the
         #: :class:`~lightning_compress.CommunicationMonitor`: decided on every rank at every
         #: compressed exchange, from this step's reduced norm, before the codec runs.
@@ -222,6 +248,7 @@ class CompressionState(DeclaredState):
     def bind(self, named_parameters: Iterable[tuple[str, Tensor]]) -> None:
         """Learn parameter names and model order (stable across bucket rebuilds and resumes)."""
         self.names = {id(p): (i, name) for i, (name, p) in enumerate(named_parameters)}
+        self._plan = None
 
     @property
     def world_size(self) -> int:
@@ -248,10 +275,27 @@ class CompressionState(DeclaredState):
         fut: torch.futures.Future = torch.futures.Future(devices=[buffer.device] if buffer.is_cuda else None)
         if self.plain_allreduce and self.communicate:
             return self._allreduce_now(bucket, fut)
-        self._pending.append((buffer, list(bucket.parameters()), fut))
+        params = list(bucket.parameters())
+        if not self._pending:  # the step's first bucket
+            self._stream = self._open_stream(buffer.device)
+        self._pending.append((buffer, params, fut))
+        if self._stream is not None:
+            if bucket.is_last():
+                self.early_chunks = self._stream.engine.issued
+            try:
+                self._stream.add(params, buffer)
+            except BaseException as err:  # the futures handed out so far must not wait forever
+                self._fail_pending(err)
+                raise
         if bucket.is_last():
             self.flush()
         return fut
+
+    def _fail_pending(self, err: BaseException) -> None:
+        pending, self._pending, self._stream = self._pending, [], None
+        for _, _, fut in pending:
+            if not fut.done():
+                fut.set_exception(err)
 
     @property
     def plain_allreduce(self) -> bool:
@@ -304,11 +348,17 @@ class CompressionState(DeclaredState):
     def flush(self) -> None:
         """Exchange every parked bucket (see the module docstring, step 2) and complete futures."""
         pending, self._pending = self._pending, []
+        stream, self._stream = self._stream, None
         self.last_compressed = False
+        if stream is None:
+            self.early_chunks = 0
 
         def exchange_parked() -> None:  # not `exchange`: that name is the collective's
             if self.communicate:
-                self._exchange(pending)
+                if stream is not None:
+                    self._finish_stream(pending, stream)
+                else:
+                    self._exchange(pending)
                 self.close_step()
 
         self._settle(pending, exchange_parked)
@@ -327,10 +377,17 @@ class CompressionState(DeclaredState):
         finally:
             self.step += 1
 
-    def _exchange(self, pending: list[tuple[Tensor, list[Tensor], torch.futures.Future]]) -> None:
-        small: list[tuple[int, Tensor, str]] = []
-        large: list[tuple[int, Tensor, str]] = []
-        warm = self.step < self.warmup_steps
+    def _split(self, pending: list[tuple[Tensor, list[Tensor], torch.futures.Future]], warm: bool) -> tuple[
+        list[tuple[int, Tensor, str, int]], list[tuple[int, Tensor, str, int]]
+    ]:
+        """The parked buckets' views ``(index, view, name, id)``: sent dense, and compressed.
+
+        Model order, not bucket order: DDP rebuilds its buckets after the first iteration (and a
+        resumed run starts with the initial ones again); the fused vector, and so every
+        quantization bucket and random draw, must not depend on that.
+        """
+        small: list[tuple[int, Tensor, str, int]] = []
+        large: list[tuple[int, Tensor, str, int]] = []
         unbound = len(self.names)  # parameters the state was not bound to keep their bucket order
         for buffer, params, _ in pending:
             offset = 0
@@ -339,20 +396,115 @@ class CompressionState(DeclaredState):
                 offset += p.numel()
                 index, name = self.names.get(id(p), (unbound, f"unbound{unbound}"))
                 unbound += id(p) not in self.names
-                if warm or p.numel() < self.min_compression_size:
-                    small.append((index, view, name))
-                else:
-                    large.append((index, view, name))
-        # Model order, not bucket order: DDP rebuilds its buckets after the first iteration (and
-        # a resumed run starts with the initial ones again); the fused vector, and so every
-        # quantization bucket and random draw, must not depend on that.
+                part = small if warm or p.numel() < self.min_compression_size else large
+                part.append((index, view, name, id(p)))
         small.sort(key=lambda t: t[0])
         large.sort(key=lambda t: t[0])
-        small_views = [v for _, v, _ in small]
-        large_views = [v for _, v, _ in large]
-        large_layout = tuple((name, v.numel()) for _, v, name in large)
+        return small, large
+
+    # -- streaming: the compressed chunks on the wire while backward runs --------------------
+    def _streamable(self) -> bool:
+        """Whether this exchange can stream (a fixed-size codec, nothing decided from the step).
+
+        A policy decides this step's setting from this step's reduced norm, known only once the
+        whole gradient is: it keeps the fused exchange. So do sparsifiers and sketches, which
+        select over the whole vector, and exchange momentum (Top-K and sketches only).
+        """
+        return (
+            self.overlap_backward
+            and self.compressor.exchange == "two_phase"
+            and self.policy is None
+            and not self.config.accumulates
+            and self.momentum == 0.0
+        )
+
+    def _open_stream(self, device: torch.device) -> GradientStream | None:
+        """This step's stream, at its first bucket (``None``: the fused exchange at the last)."""
+        plan = self._plan
+        if plan is None or not self.communicate or self.step < self.warmup_steps or not self._streamable():
+            return None
+        self._lay_out(plan.layout, plan.dense_layout, device)
+        scale = self.loss_scale(device)
+        error_feedback = self.config.error_feedback
+        residual = self.exchange_memory.v.residuals.get(COMPRESSED) if error_feedback else None
+
+        def prepare(start: int, values: Tensor) -> None:
+            # the fused exchange's p = g / S + e, element by element (bit-identical)
+            if scale is not None:
+                values.div_(scale)
+            if residual is not None:
+                values.add_(residual[start : start + values.numel()])
+
+        engine = PipelinedExchange(self.compressor, self.process_group, self.ledger, self.generator(device))
+        return GradientStream(plan, engine, device, prepare, want_local=error_feedback)
+
+    def _finish_stream(
+        self, pending: list[tuple[Tensor, list[Tensor], torch.futures.Future]], stream: GradientStream
+    ) -> None:
+        """The last bucket arrived: the dense part and the flag ride the last collective.
+
+        The compressed chunks are all on the wire by now. The dense allreduce (small tensors and
+        the non-finite flag) is issued after them and awaited after they are decoded, so decoding
+        overlaps it. The outcome is committed only then: a non-finite step discards the decoded
+        average and leaves the error-feedback memory untouched, as the fused exchange does.
+        """
+        small, large = self._split(pending, warm=False)
+        small_views = [v for _, v, _, _ in small]
+        large_views = [v for _, v, _, _ in large]
+        device = stream.flat.device
+        check = self.nonfinite != "ignore"
+        scale = self.loss_scale(device)
+        self.last_grad_norm = None
+        self.last_compressed = True
+        parts: list[Tensor] = []
+        if small:
+            dense = torch.cat([t.reshape(-1).to(torch.float32) for t in small_views])
+            if scale is not None:
+                dense.div_(scale)
+            parts.append(dense)
+        if check:
+            parts.append(nonfinite_flag([*parts, stream.flat], device))
+        flat, work = None, None
+        if parts:
+            flat = torch.cat(parts)
+            self.ledger.record_coords(flat.numel() - int(check), 4 * flat.numel(), self.world_size)
+            work = start_allreduce_mean(flat, self.process_group, self.ledger)
+        average, local = stream.finish()
+        if work is not None:
+            work.wait()
+        if check:
+            assert flat is not None
+            bad_ranks = round(flat[-1].item() * self.world_size)  # the step's one device sync
+            self.last_step_skipped = bad_ranks > 0
+            if self.last_step_skipped:
+                self._on_nonfinite(bad_ranks, small_views + large_views)
+                return
+        if self.config.error_feedback:
+            assert local is not None
+            self.exchange_memory.v.update(COMPRESSED, stream.flat, local)
+        if small:
+            assert flat is not None
+            averages = flat[: flat.numel() - int(check)]
+            if scale is not None:
+                averages.mul_(scale)
+            write_flat_(small_views, averages, saturate=check)
+        if scale is not None:
+            average = average * scale
+        write_flat_(large_views, average, saturate=check)  # finite by construction: see _exchange
+
+    def _exchange(self, pending: list[tuple[Tensor, list[Tensor], torch.futures.Future]]) -> None:
+        warm = self.step < self.warmup_steps
+        small, large = self._split(pending, warm)
+        small_views = [v for _, v, _, _ in small]
+        large_views = [v for _, v, _, _ in large]
+        large_layout = tuple((name, v.numel()) for _, v, name, _ in large)
         momentum = self.momentum > 0.0
-        dense_layout = tuple((name, v.numel()) for _, v, name in small) if momentum else ()
+        dense_layout = tuple((name, v.numel()) for _, v, name, _ in small) if momentum else ()
+        if not warm and large and self._streamable():
+            # what the next steps need to stream their buckets in (the layout does not change)
+            self._plan = StreamPlan.from_parameters(
+                [(pid, name, v.numel()) for _, v, name, pid in large], dense_layout
+            )
         device = (small_views + large_views)[0].device if small or large else None
         if device is not None:
             self._lay_out(large_layout, dense_layout, device)

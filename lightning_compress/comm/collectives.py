@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_compress.comm.engine import CHUNK_NUMEL, PipelinedExchange, all_gather_in_pieces
+from lightning_compress.comm.engine import PipelinedExchange, all_gather_in_pieces
 from lightning_compress.comm.ledger import (
     BitLedger,
     allreduce_wire_bytes,
@@ -96,13 +96,19 @@ def allreduce_mean(x: Tensor, group: ProcessGroup | None, ledger: BitLedger | No
 
     Divided before the sum, as DDP's default hook does, so finite inputs give a finite mean.
     """
+    start_allreduce_mean(x, group, ledger).wait()
+    return x
+
+
+def start_allreduce_mean(x: Tensor, group: ProcessGroup | None, ledger: BitLedger | None) -> dist.Work:
+    """Start :func:`allreduce_mean` of ``x`` (in place) and return its work: wait before reading ``x``."""
     world = _world(group)
     x.div_(world)
-    dist.all_reduce(x, group=group)
+    work = dist.all_reduce(x, group=group, async_op=True)
     if ledger is not None:
         nbytes = x.numel() * x.element_size()
         ledger.record(nbytes, allreduce_wire_bytes(nbytes, world))
-    return x
+    return work
 
 
 def two_phase_allreduce(
@@ -113,7 +119,7 @@ def two_phase_allreduce(
     generator: torch.Generator | None = None,
     want_local: bool = False,
     collective: str | None = "two_phase",
-    chunk_numel: int = CHUNK_NUMEL,
+    chunk_numel: int | None = None,
 ) -> ExchangeResult:
     """Compressed allreduce for fixed-size payloads (quantizers), in pipelined chunks.
 

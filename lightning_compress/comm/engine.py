@@ -7,11 +7,16 @@ Three things make the exchange keep the link busy:
 
 1. **Chunks in a pipeline.** The vector is cut into chunks of about :data:`CHUNK_NUMEL` elements
    (aligned to the codec's buckets and bit packing, so the chunks' payloads add up to exactly the
-   unchunked one's bytes). Chunk ``i+1`` is encoded while chunk ``i`` is on the wire and chunk
-   ``i-1`` is decoded: every collective is issued with ``async_op=True``, and a stage waits only
-   for the collective whose result it needs. Measured on a 100 Mbit/s emulated link with two
-   workers (``benchmarks/wire.py``, ``docs/benchmarks.md``): one 2.2 MB all-gather at a time
-   delivered 64-78% of the rate, the same bytes as 8 all-gathers in flight 92%.
+   unchunked one's bytes). Every collective is issued with ``async_op=True``: all chunks are
+   encoded and issued first (chunk ``i+1`` is encoded while chunk ``i`` is on the wire), then each
+   is awaited and decoded in turn while the later ones are still on the wire. Measured on a
+   100 Mbit/s emulated link with two workers (``benchmarks/wire.py``, ``docs/benchmarks.md``):
+   one 2.2 MB all-gather at a time delivered 64-78% of the rate, the same bytes as 8 all-gathers
+   in flight 92%. Chunks are issued from the end of the vector to its start, the order in which
+   backward makes a model-ordered gradient ready, so a DDP hook can issue a chunk as soon as its
+   buckets arrive, while backward goes on (:meth:`PipelinedExchange.start`,
+   :meth:`PipelinedExchange.issue`); the fused call issues the same chunks in the same order, so
+   both give bit-identical results.
 2. **The collective chosen by cost** (:func:`choose_collective`). Per rank and per payload byte,
    an all-gather of every rank's payload transmits ``W−1`` bytes in one collective; the two-phase
    exchange (all-to-all of shards, decode-average-re-encode, all-gather of the re-encoded shards)
@@ -44,7 +49,7 @@ from lightning_compress.compressors.base import Compressor, Payload
 
 #: Elements per chunk (4 MiB of float32; 512 KiB of 4-bit codes). Large enough that a chunk's
 #: collective costs far more than issuing it, small enough that a 4 M-parameter gradient makes
-#: 4-5 chunks (two in flight at a time: chunk ``i+1`` is issued before chunk ``i`` is awaited).
+#: 4-5 chunks, all in flight at once (every chunk is issued before the first is awaited).
 CHUNK_NUMEL = 1 << 20
 
 COLLECTIVES = ("allgather", "two_phase")
@@ -136,7 +141,8 @@ class PipelinedExchange:
         generator: this rank's rounding generator; chunks draw from it in chunk order.
         collective: ``"allgather"`` or ``"two_phase"``; ``None`` chooses by cost
             (:func:`choose_collective`).
-        chunk_numel: elements per chunk (rounded to the codec's alignment).
+        chunk_numel: elements per chunk (rounded to the codec's alignment); ``None``:
+            :data:`CHUNK_NUMEL`, read when the exchange is built.
 
     """
 
@@ -147,7 +153,7 @@ class PipelinedExchange:
         ledger: BitLedger | None,
         generator: torch.Generator | None = None,
         collective: str | None = None,
-        chunk_numel: int = CHUNK_NUMEL,
+        chunk_numel: int | None = None,
     ) -> None:
         self.compressor = compressor
         self.group = group
@@ -158,30 +164,64 @@ class PipelinedExchange:
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.collective = choose_collective(self.world) if collective is None else collective
-        self.chunk_numel = chunk_numel
+        self.chunk_numel = CHUNK_NUMEL if chunk_numel is None else chunk_numel
 
     def __call__(self, x: Tensor, want_local: bool = False) -> tuple[Tensor, Tensor | None]:
         """``(average, local)``: the average over ranks, and this rank's own decoded ``x``."""
+        self.start(x, want_local)
+        return self.finish()
+
+    # -- the exchange in steps: start, issue chunk by chunk as its values are final, finish -----
+    def start(self, x: Tensor, want_local: bool = False) -> list[tuple[int, int]]:
+        """Begin the exchange of flat ``x``, whose values may still be written chunk by chunk.
+
+        Returns the chunks' ``(start, stop)`` in **issue order**: from the end of ``x`` to its
+        start, the order in which backward makes a model-ordered gradient ready. Chunk ``i``'s
+        values must be final when :meth:`issue` is called for it; the rest of ``x`` may be
+        written meanwhile (a DDP hook streams buckets in: :mod:`lightning_compress.hooks`).
+        """
         n = x.numel()
         self.average = torch.empty(n, dtype=torch.float32, device=x.device)
         self.local = torch.empty(n, dtype=torch.float32, device=x.device) if want_local else None
         self.x = x.reshape(-1)
         unit = self.compressor.alignment()
+        self._stages: list[Callable[[_Chunk], None]]
         if self.collective == "two_phase":
             unit *= self.world  # every shard of a full chunk aligned
-            stages: list[Callable[[_Chunk], None]] = [self._scatter, self._reduce_and_gather, self._decode]
+            self._stages = [self._scatter, self._reduce_and_gather, self._decode]
         else:
-            stages = [self._gather, self._decode]
-        chunks = [_Chunk(a, b) for a, b in chunk_bounds(n, unit, self.chunk_numel)]
-        # chunk i enters stage s at tick i + s, and within a tick the newest chunk goes first: its
-        # collective is issued before the stages that wait for older ones. The order depends on
-        # the number of chunks only, so it is the same on every rank.
-        for tick in range(len(chunks) + len(stages) - 1):
-            for s, stage in enumerate(stages):
-                if 0 <= tick - s < len(chunks):
-                    stage(chunks[tick - s])
+            self._stages = [self._gather, self._decode]
+        bounds = chunk_bounds(n, unit, self.chunk_numel)[::-1]
+        self._chunks = [_Chunk(a, b) for a, b in bounds]
+        self._issued = 0
+        return bounds
+
+    @property
+    def issued(self) -> int:
+        """How many chunks (in issue order) have been encoded and put on the wire."""
+        return self._issued
+
+    def issue(self) -> None:
+        """Encode the next chunk in issue order and start its first collective."""
+        self._stages[0](self._chunks[self._issued])
+        self._issued += 1
+
+    def finish(self) -> tuple[Tensor, Tensor | None]:
+        """Issue the chunks not issued yet, run every later stage, return ``(average, local)``.
+
+        Stage by stage: every chunk's first collective is issued before any is awaited (the
+        encoding of chunk ``i+1`` overlaps the transfer of chunk ``i``, and several collectives
+        are in flight at once); then each later stage runs over the chunks in issue order, each
+        waiting only for its own chunk's collective while the later chunks are still on the wire.
+        The order depends on the number of chunks only, so it is the same on every rank.
+        """
+        while self._issued < len(self._chunks):
+            self.issue()
+        for stage in self._stages[1:]:
+            for chunk in self._chunks:
+                stage(chunk)
         average, local = self.average, self.local
-        del self.average, self.local, self.x
+        del self.average, self.local, self.x, self._chunks, self._stages
         return average, local
 
     # -- stages --------------------------------------------------------------------------------
