@@ -224,11 +224,11 @@ def _periodic(key: str) -> Method:
             _compressed(codec, sync=_sync("SlowMo", period=tau, momentum=0.6), **kwargs),
             period=tau,
         )
-    if spec is not None:
-        raise KeyError(f"{key}: Overlap-Local-SGD averages exactly (no codec suffix)")
+    if spec is not None and not spec.startswith("q"):
+        raise KeyError(f"{key}: Overlap-Local-SGD's anchor average takes QSGD only (_q<bits>)")
     return Method(
         key,
-        f"Overlap-Local-SGD τ={tau}",
+        f"Overlap-Local-SGD τ={tau}{suffix}",
         "lightning_compress",
         _compressed(codec, sync=_sync("OverlapLocalSGD", period=tau)),
         period=tau,
@@ -240,7 +240,8 @@ def methods(extra: tuple[str, ...] = ()) -> dict[str, Method]:
 
     Besides the fixed keys, periodic schedules are spelled ``<schedule><τ>[_<codec>]``:
     ``localsgd16_q4`` (Local SGD τ=16 averaging 4-bit QSGD deltas), ``localsgd8_topk10``
-    (Top-K 1.0 % with error feedback), ``slowmo12``, ``overlap8``.
+    (Top-K 1.0 % with error feedback), ``slowmo12``, ``overlap8``, ``overlap8_q4`` (its anchor
+    average in 4-bit QSGD, in flight during the next ``τ`` steps).
     """
     table = [
         Method(

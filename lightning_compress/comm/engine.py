@@ -206,6 +206,11 @@ class PipelinedExchange:
         self._stages[0](self._chunks[self._issued])
         self._issued += 1
 
+    def issue_all(self) -> None:
+        """Issue every chunk not issued yet, and return without waiting for any."""
+        while self._issued < len(self._chunks):
+            self.issue()
+
     def finish(self) -> tuple[Tensor, Tensor | None]:
         """Issue the chunks not issued yet, run every later stage, return ``(average, local)``.
 
@@ -215,8 +220,7 @@ class PipelinedExchange:
         waiting only for its own chunk's collective while the later chunks are still on the wire.
         The order depends on the number of chunks only, so it is the same on every rank.
         """
-        while self._issued < len(self._chunks):
-            self.issue()
+        self.issue_all()
         for stage in self._stages[1:]:
             for chunk in self._chunks:
                 stage(chunk)

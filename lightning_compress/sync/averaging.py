@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from lightning_compress._compat import foreach_norm
 from lightning_compress.comm.collectives import allreduce_mean, nonfinite_flag, write_flat_
 from lightning_compress.comm.ledger import BitLedger, allreduce_wire_bytes
-from lightning_compress.exchange import flatten
+from lightning_compress.exchange import flatten, split_by_size
 from lightning_compress.sync.base import SyncContext, SyncSchedule
 
 if TYPE_CHECKING:
@@ -236,6 +236,18 @@ def optimizer_buffers(optimizers: Sequence[Optimizer]) -> list[Tensor]:
                     if isinstance(t, Tensor) and t.is_floating_point() and t.shape == p.shape:
                         out.append(t)
     return out
+
+
+def compressed_first(
+    named: list[tuple[str, Tensor]], min_size: int
+) -> tuple[list[tuple[str, Tensor]], int, int]:
+    """``(ordered, elements, count)``: the parameters a codec compresses first, then the rest.
+
+    The compressed ones (at least ``min_size`` elements) are then one leading slice of every
+    flat vector over ``ordered``, of ``elements`` elements and ``count`` parameters.
+    """
+    small, large = split_by_size(named, lambda item: item[1].numel(), min_size, warm=False)
+    return large + small, sum(p.numel() for _, p in large), len(large)
 
 
 def check_int(name: str, value: Any, low: int) -> int:

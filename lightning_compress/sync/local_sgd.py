@@ -15,12 +15,12 @@ from lightning_compress.exchange import (
     RankGenerator,
     compressed_average,
     flatten,
-    split_by_size,
 )
 from lightning_compress.sync.averaging import (
     PeriodicAveraging,
     allreduce_average_,
     allreduce_average_checked_,
+    compressed_first,
     reset_optimizer_state,
     write_flat_,
 )
@@ -125,11 +125,8 @@ class LocalSGD(PeriodicAveraging):
             self._n_large = 0
             return named
         # the compressed tensors first, so they are one leading slice of every flat vector
-        limit = ctx.comm.min_compression_size
-        small, large = split_by_size(named, lambda item: item[1].numel(), limit, warm=False)
-        self._n_large = sum(p.numel() for _, p in large)
-        self._k_large = len(large)
-        return large + small
+        ordered, self._n_large, self._k_large = compressed_first(named, ctx.comm.min_compression_size)
+        return ordered
 
     def _init_state(self, ctx: SyncContext) -> None:
         self.x0 = flatten(self._params).to(self._device) if self._keeps_reference() else None

@@ -13,11 +13,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_compress.comm.engine import PipelinedExchange
 from lightning_compress.comm.ledger import BitLedger, allreduce_wire_bytes
 from lightning_compress.compressors.base import NoCompression
+from lightning_compress.exchange import RankGenerator
 from lightning_compress.sync.averaging import (
     PeriodicAveraging,
     check_number,
+    compressed_first,
     divide_by_lr,
     flatten,
     learning_rates,
@@ -32,6 +35,9 @@ if TYPE_CHECKING:
 
 
 log = logging.getLogger(__name__)
+
+#: the anchor average's rounding stream: apart from the hook's and Local SGD's
+_SEED_OFFSET = 2_000_003
 
 
 @torch.no_grad()
@@ -113,8 +119,17 @@ class OverlapLocalSGD(PeriodicAveraging):
     the anchor, not replaced by it); the anchor is. :meth:`before_save` completes the pending
     average, so a resumed run continues exactly like an uninterrupted one.
 
-    The averaging is exact float32: a compressed exchange blocks, which would defeat the
-    overlap. The strategy's compressor still serves the ``warmup_steps`` (a warning says so).
+    **Compressed anchor average.** With a fixed-size codec as the strategy's compressor
+    (:class:`~lightning_compress.compressors.QSGD`), the parameters of at least
+    ``min_compression_size`` elements send ``(z − γ·v) − z``, their contribution's difference
+    from the current anchor (identical on every rank), through the communication engine
+    (:class:`~lightning_compress.comm.engine.PipelinedExchange`): its chunks are encoded and
+    all-gathered asynchronously at the sync point and decoded at the next one, so the compressed
+    average stays in the background like the float32 one. Always one all-gather (never the
+    two-phase exchange, whose second phase would have to wait at the next sync point). The
+    small tensors, model buffers and the flag travel in the float32 allreduce. Stochastic
+    rounding keeps the anchor unbiased. Other codecs (Top-K, sketches select over the whole
+    vector and block) average in float32 and serve only the ``warmup_steps`` (a warning says so).
     The authors' code starts the schedule one step later (its first sync point follows step
     ``τ + 1``); here sync points follow steps ``τ, 2τ, ...`` of the local phase, as in LocalSGD.
 
@@ -126,13 +141,29 @@ class OverlapLocalSGD(PeriodicAveraging):
         momentum: anchor momentum ``β`` in [0, 1); paper: 0.7. 0 makes the anchor the plain
             average of the pulled-back models.
         warmup_steps: synchronous optimizer steps before the local phase.
+        compress_average: send the anchor average through the strategy's codec (see above).
+            ``None`` (default): when the codec is a fixed-size one (QSGD); ``False``: always
+            float32; ``True``: a codec that is not fixed-size is refused at setup.
 
     """
 
     def __init__(
-        self, period: int = 2, pullback: float = 0.6, momentum: float = 0.7, warmup_steps: int = 0
+        self,
+        period: int = 2,
+        pullback: float = 0.6,
+        momentum: float = 0.7,
+        warmup_steps: int = 0,
+        compress_average: bool | None = None,
     ) -> None:
         super().__init__(period, warmup_steps)
+        if compress_average is not None and not isinstance(compress_average, bool):
+            raise TypeError(
+                f"compress_average must be True, False or None (automatic), got {compress_average!r}"
+            )
+        self.compress_average = compress_average
+        self._compress = False
+        self._n_large = 0  # elements of the compressed (leading) parameters in the flat layout
+        self.rng = RankGenerator(offset=_SEED_OFFSET)
         self.pullback = check_number("pullback", pullback, 0.0, 1.0, low_open=True, high_open=False)
         self.momentum = check_number("momentum", momentum, 0.0, 1.0, low_open=False, high_open=True)
         self.z: Tensor | None = None  # anchor (params then float buffers)
@@ -140,18 +171,20 @@ class OverlapLocalSGD(PeriodicAveraging):
         self._world = 1
         # the one pending allreduce: its work handle, its buffer, and (nonfinite mode, step it was
         # launched after) when the buffer ends with the left-out flag; bound to this process
+        # the compressed part's exchange in flight (its chunks on the wire)
         self._work: Any
         self._inflight: Tensor | None
         self._flagged: tuple[str, int] | None
-        for name in ("_work", "_inflight", "_flagged"):
+        self._engine: PipelinedExchange | None
+        for name in ("_work", "_inflight", "_flagged", "_engine"):
             self.add_transient(name)
 
     def setup(self, ctx: SyncContext) -> None:
         """Bind the model (see :class:`PeriodicAveraging`) and say what the compressor is used for."""
-        self._work, self._inflight, self._flagged = None, None, None
+        self._work, self._inflight, self._flagged, self._engine = None, None, None, None
         super().setup(ctx)
         self._world = dist.get_world_size(ctx.comm.process_group)
-        if not isinstance(ctx.comm.compressor, NoCompression):
+        if not self._compress and not isinstance(ctx.comm.compressor, NoCompression):
             log.warning(
                 "OverlapLocalSGD averages models with an exact non-blocking float32 allreduce; the "
                 f"compressor {ctx.comm.compressor!r} is used only for the {self.warmup_steps} "
@@ -160,6 +193,25 @@ class OverlapLocalSGD(PeriodicAveraging):
 
     def ranks_may_differ(self, steps_done: int) -> bool:
         return steps_done > self.warmup_steps
+
+    def _uses_compression(self, ctx: SyncContext) -> bool:
+        fixed_size = ctx.comm.compressor.exchange == "two_phase"
+        if self.compress_average and not fixed_size:
+            raise ValueError(
+                f"OverlapLocalSGD(compress_average=True) needs a fixed-size codec (QSGD) as the strategy's "
+                f"compressor, got {ctx.comm.compressor!r}: its exchange selects over the whole vector and "
+                "cannot stay in flight; use compress_average=None or False"
+            )
+        return fixed_size if self.compress_average is None else self.compress_average
+
+    def _order(self, named: list[tuple[str, Tensor]], ctx: SyncContext) -> list[tuple[str, Tensor]]:
+        self._compress = self._uses_compression(ctx)
+        if not self._compress:
+            self._n_large = 0
+            return named
+        # the compressed tensors first, so they are one leading slice of every flat vector
+        ordered, self._n_large, _ = compressed_first(named, ctx.comm.min_compression_size)
+        return ordered
 
     def _init_state(self, ctx: SyncContext) -> None:
         self.complete()
@@ -170,18 +222,28 @@ class OverlapLocalSGD(PeriodicAveraging):
         """Wait for the pending anchor average, if any, and make it the anchor."""
         if self._work is None:
             return
-        work, buf, flagged = self._work, self._inflight, self._flagged
-        self._work, self._inflight, self._flagged = None, None, None
+        work, buf, flagged, engine = self._work, self._inflight, self._flagged, self._engine
+        self._work, self._inflight, self._flagged, self._engine = None, None, None, None
+        average = engine.finish()[0] if engine is not None else None  # decoded chunk by chunk
         work.wait()
         assert buf is not None
-        if flagged is None:
-            self.z = buf.div_(self._world)
+        n_bad = 0
+        if flagged is not None:
+            n_bad = round(buf[-1].item())
+            buf = buf[:-1]
+            if n_bad:
+                self._on_anchor_left_out(n_bad, *flagged)
+        live = self._world - n_bad
+        if average is None:
+            self.z = buf.div_(live)
             return
-        n_bad = round(buf[-1].item())
-        buf = buf[:-1]
-        if n_bad:
-            self._on_anchor_left_out(n_bad, *flagged)
-        self.z = buf.div_(self._world - n_bad)
+        # the codecs divide by the world size; left-out ranks sent zeros
+        assert self.z is not None
+        n = average.numel()
+        z = torch.empty_like(self.z)
+        torch.add(self.z[:n], average, alpha=self._world / live, out=z[:n])
+        torch.div(buf, live, out=z[n:])
+        self.z = z
 
     def _on_anchor_left_out(self, n_bad: int, mode: str, step: int) -> None:
         name, world = type(self).__name__, self._world
@@ -217,6 +279,19 @@ class OverlapLocalSGD(PeriodicAveraging):
         else:
             send = torch.zeros_like(x)
             self._leave_out(ctx, optimizers, tensors, step)
+        if self._compress:
+            # 4. the large part's difference from the anchor through the engine: every chunk
+            #    encoded and on the wire now, decoded at the next sync point (a left-out rank
+            #    sends zeros)
+            n = self._n_large
+            delta = send[:n] - self.z[:n] if not bad else send.new_zeros(n)
+            generator = self.rng.get(delta.device, cs.seed, cs.process_group)
+            engine = self._engine = PipelinedExchange(
+                cs.compressor, cs.process_group, cs.ledger, generator, collective="allgather"
+            )
+            engine.start(delta)
+            engine.issue_all()
+            send = send[n:]
         if check:
             send = torch.cat([send, send.new_tensor([float(bad)])])
             self._flagged = (cs.nonfinite, step)
@@ -260,8 +335,13 @@ class OverlapLocalSGD(PeriodicAveraging):
     def _state_tensors(self) -> dict[str, Tensor | None]:
         return {"z": self.z, "v": self.v}
 
+    def _state_extra(self) -> dict[str, Any]:
+        generator = self.rng.state()
+        return {} if generator is None else {"generator": generator}
+
     def _load_tensors(self, state: dict[str, Any], device: torch.device) -> None:
-        self._work, self._inflight, self._flagged = None, None, None
+        self._work, self._inflight, self._flagged, self._engine = None, None, None, None
+        self.rng.load(state.get("generator"))
         z = state.get("z")
         self.z = z.to(device) if z is not None else flatten(self._params + self._buffers).to(device)
         n = sum(p.numel() for p in self._params)
@@ -269,7 +349,8 @@ class OverlapLocalSGD(PeriodicAveraging):
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(period={self.period}, pullback={self.pullback}, "
-                f"momentum={self.momentum}, warmup_steps={self.warmup_steps})")
+                f"momentum={self.momentum}, warmup_steps={self.warmup_steps}, "
+                f"compress_average={self.compress_average})")
 
 
 __all__ = ["OverlapLocalSGD", "anchor_step_", "launch_allreduce"]

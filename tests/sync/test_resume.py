@@ -30,7 +30,14 @@ def local_qsgd_ef():
                          sync=LocalSGD(period=4))
 
 
-FACTORIES = {"slowmo": slowmo, "overlap": overlap, "local_qsgd_ef": local_qsgd_ef}
+def overlap_qsgd():
+    # the anchor average compressed, its chunks in flight across the checkpoint's sync point
+    return CompressedDDP(compressor=QSGD(bits=4), min_compression_size=256, sync=OverlapLocalSGD())
+
+
+FACTORIES = {
+    "slowmo": slowmo, "overlap": overlap, "local_qsgd_ef": local_qsgd_ef, "overlap_qsgd": overlap_qsgd,
+}
 
 
 def _all(rank, world_size, ckpt_dir):

@@ -46,6 +46,10 @@ def local_topk_ef():
                          sync=LocalSGD(period=TAU, warmup_steps=WARMUP))
 
 
+def overlap_qsgd8():
+    return CompressedDDP(compressor=QSGD(bits=8), min_compression_size=256, sync=OverlapLocalSGD(period=TAU))
+
+
 def slowmo_average_buffers():
     return CompressedDDP(compressor=NoCompression(), sync=SlowMo(period=TAU, momentum_buffers="average"))
 
@@ -58,7 +62,8 @@ def exact_runs():
 
 @pytest.fixture(scope="module")
 def compressed_runs():
-    factories = {"ddp": stock_ddp, "local_q": local_qsgd8, "slowmo_q": slowmo_qsgd8, "topk": local_topk_ef}
+    factories = {"ddp": stock_ddp, "local_q": local_qsgd8, "slowmo_q": slowmo_qsgd8, "topk": local_topk_ef,
+                 "overlap_q": overlap_qsgd8}
     return run_distributed(fit_many, 2, factories, STEPS, RECORD)
 
 
@@ -124,8 +129,9 @@ def test_compressed_delta_average_agrees_and_trains(compressed_runs):
         assert r0["acc"] >= base - 0.02, (name, r0["acc"], base)
 
 
-def test_compressed_average_bytes(compressed_runs):
-    r = compressed_runs[0]["local_q"]
+@pytest.mark.parametrize("name", ["local_q", "overlap_q"])
+def test_compressed_average_bytes(compressed_runs, name):
+    r = compressed_runs[0][name]
     codec = QSGD(bits=8)
     sizes = [16 * 128, 128, 128 * 128, 128, 128 * 4, 4]
     large = sum(n for n in sizes if n >= 256)
@@ -137,6 +143,18 @@ def test_compressed_average_bytes(compressed_runs):
     # on the wire: about 4x fewer bytes than the exact float32 average of the same coordinates
     assert r["total"].coords == STEPS // TAU * r["numel"]
     assert r["total"].compression_ratio > 3.5, r["total"].compression_ratio
+    for step in range(1, RECORD + 1):  # the bytes are counted in the step that issues them
+        assert r["rec_bytes"][step] == (per_sync if _synced(step) else 0), (name, step)
+
+
+def test_compressed_overlap_anchor_identical_and_trains(compressed_runs):
+    base = compressed_runs[0]["ddp"]["acc"]
+    r0, r1 = (r["overlap_q"] for r in compressed_runs)
+    assert torch.equal(r0["anchor"], r1["anchor"])
+    for step, anchor in r0["rec_anchors"].items():
+        assert torch.equal(anchor, r1["rec_anchors"][step]), step
+    assert not torch.equal(r0["params"], r1["params"])  # pulled towards the anchor, never replaced
+    assert r0["acc"] >= base - 0.02, (r0["acc"], base)
 
 
 def test_warmup_communicates_every_step_then_locally(compressed_runs):
