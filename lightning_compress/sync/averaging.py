@@ -250,6 +250,13 @@ def compressed_first(
     return large + small, sum(p.numel() for _, p in large), len(large)
 
 
+def check_optional_bool(name: str, value: Any) -> bool | None:
+    """``value`` if it is ``True``, ``False`` or ``None`` (automatic); else a ``TypeError`` naming it."""
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"{name} must be True, False or None (automatic), got {value!r}")
+    return value
+
+
 def check_int(name: str, value: Any, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")

@@ -20,6 +20,7 @@ from lightning_compress.sync.averaging import (
     PeriodicAveraging,
     allreduce_average_,
     allreduce_average_checked_,
+    check_optional_bool,
     compressed_first,
     reset_optimizer_state,
     write_flat_,
@@ -94,11 +95,7 @@ class LocalSGD(PeriodicAveraging):
 
     def __init__(self, period: int = 8, warmup_steps: int = 0, compress_average: bool | None = None) -> None:
         super().__init__(period, warmup_steps)
-        if compress_average is not None and not isinstance(compress_average, bool):
-            raise TypeError(
-                f"compress_average must be True, False or None (automatic), got {compress_average!r}"
-            )
-        self.compress_average = compress_average
+        self.compress_average = check_optional_bool("compress_average", compress_average)
         self._compress = False
         self._n_large = 0  # elements of the compressed (leading) parameters in the flat layout
         self._k_large = 0  # how many parameters that is

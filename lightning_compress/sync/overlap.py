@@ -20,6 +20,7 @@ from lightning_compress.exchange import RankGenerator
 from lightning_compress.sync.averaging import (
     PeriodicAveraging,
     check_number,
+    check_optional_bool,
     compressed_first,
     divide_by_lr,
     flatten,
@@ -156,11 +157,7 @@ class OverlapLocalSGD(PeriodicAveraging):
         compress_average: bool | None = None,
     ) -> None:
         super().__init__(period, warmup_steps)
-        if compress_average is not None and not isinstance(compress_average, bool):
-            raise TypeError(
-                f"compress_average must be True, False or None (automatic), got {compress_average!r}"
-            )
-        self.compress_average = compress_average
+        self.compress_average = check_optional_bool("compress_average", compress_average)
         self._compress = False
         self._n_large = 0  # elements of the compressed (leading) parameters in the flat layout
         self.rng = RankGenerator(offset=_SEED_OFFSET)

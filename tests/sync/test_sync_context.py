@@ -76,3 +76,25 @@ def test_schedules_declare_what_they_log():
     assert backup.metrics() == {}  # nothing before the first step
     backup.last_step = 0
     assert set(backup.metrics()) == set(BackupWorkers.logged_metrics)
+
+
+def _overlap_setup(rank, world, codec, compress_average):
+    from lightning_compress.sync import OverlapLocalSGD
+
+    init_process_group(rank, world)
+    module = nn.Linear(64, 32)  # 2048 weights: compressed with min_compression_size=1024
+    ctx = _context(CompressionState(codec), module, [], rank, world, [0])
+    schedule = OverlapLocalSGD(compress_average=compress_average)
+    try:
+        schedule.setup(ctx)
+    except ValueError as err:
+        return str(err)
+    return schedule._compress
+
+
+def test_overlap_compresses_its_average_with_a_fixed_size_codec_only():
+    assert run_distributed(_overlap_setup, 1, "qsgd", None) == [True]
+    assert run_distributed(_overlap_setup, 1, "qsgd", False) == [False]
+    assert run_distributed(_overlap_setup, 1, "topk", None) == [False]  # float32 average, with a warning
+    (message,) = run_distributed(_overlap_setup, 1, "topk", True)
+    assert "compress_average" in message and "QSGD" in message

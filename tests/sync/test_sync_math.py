@@ -179,6 +179,7 @@ def test_optimizer_buffers_skip_step_counters():
         (lambda: OverlapLocalSGD(pullback=1.5), "pullback"),
         (lambda: OverlapLocalSGD(momentum=1.0), "momentum"),
         (lambda: OverlapLocalSGD(period=True), "period"),
+        (lambda: OverlapLocalSGD(compress_average=1), "compress_average"),
     ],
 )
 def test_bad_arguments_name_the_parameter(factory, match):
