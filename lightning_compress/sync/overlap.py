@@ -168,11 +168,10 @@ class OverlapLocalSGD(PeriodicAveraging):
         self._world = 1
         # the one pending allreduce: its work handle, its buffer, and (nonfinite mode, step it was
         # launched after) when the buffer ends with the left-out flag; bound to this process
-        # the compressed part's exchange in flight (its chunks on the wire)
         self._work: Any
         self._inflight: Tensor | None
         self._flagged: tuple[str, int] | None
-        self._engine: PipelinedExchange | None
+        self._engine: PipelinedExchange | None  # the compressed part's chunks in flight
         for name in ("_work", "_inflight", "_flagged", "_engine"):
             self.add_transient(name)
 
@@ -217,21 +216,23 @@ class OverlapLocalSGD(PeriodicAveraging):
 
     def complete(self) -> None:
         """Wait for the pending anchor average, if any, and make it the anchor."""
-        if self._work is None:
+        if self._work is None and self._engine is None:
             return
         work, buf, flagged, engine = self._work, self._inflight, self._flagged, self._engine
         self._work, self._inflight, self._flagged, self._engine = None, None, None, None
         average = engine.finish()[0] if engine is not None else None  # decoded chunk by chunk
-        work.wait()
-        assert buf is not None
+        if work is not None:
+            work.wait()
         n_bad = 0
         if flagged is not None:
+            assert buf is not None  # the flag rides the float32 allreduce
             n_bad = round(buf[-1].item())
             buf = buf[:-1]
             if n_bad:
                 self._on_anchor_left_out(n_bad, *flagged)
         live = self._world - n_bad
         if average is None:
+            assert buf is not None
             self.z = buf.div_(live)
             return
         # the codecs divide by the world size; left-out ranks sent zeros
@@ -239,7 +240,8 @@ class OverlapLocalSGD(PeriodicAveraging):
         n = average.numel()
         z = torch.empty_like(self.z)
         torch.add(self.z[:n], average, alpha=self._world / live, out=z[:n])
-        torch.div(buf, live, out=z[n:])
+        if buf is not None:
+            torch.div(buf, live, out=z[n:])
         self.z = z
 
     def _on_anchor_left_out(self, n_bad: int, mode: str, step: int) -> None:
@@ -292,8 +294,9 @@ class OverlapLocalSGD(PeriodicAveraging):
         if check:
             send = torch.cat([send, send.new_tensor([float(bad)])])
             self._flagged = (cs.nonfinite, step)
-        self._inflight = send
-        self._work = launch_allreduce(send, cs.process_group, cs.ledger, extra=int(check))  # 4.
+        if send.numel():  # (nothing left when every tensor is compressed and there is no flag)
+            self._inflight = send
+            self._work = launch_allreduce(send, cs.process_group, cs.ledger, extra=int(check))  # 4.
 
     def _leave_out(self, ctx: SyncContext, optimizers: list[Optimizer], tensors: list[Tensor],
                   step: int) -> None:
