@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_compress._compat import default_store
 from lightning_compress.comm.engine import PipelinedExchange, all_gather_in_pieces
 from lightning_compress.comm.ledger import (
     BitLedger,
@@ -89,6 +90,24 @@ def nonfinite_flag(tensors: Sequence[Tensor], device: torch.device | None = None
     if not extremes:
         return torch.zeros(1, device=device)
     return (~torch.isfinite(torch.cat(extremes)).all()).to(device=device, dtype=torch.float32).reshape(1)
+
+
+def background_group(group: ProcessGroup | None) -> ProcessGroup | None:
+    """A process group of its own for collectives that stay in flight across training steps.
+
+    A process group runs its collectives in the order they were issued (gloo: a queue served by a
+    few threads; NCCL: one stream). Lightning broadcasts a flag on the default group at every
+    training step; behind a model average still in flight on the same group, that broadcast waits
+    until the average has crossed the wire, and the step with it: the average no longer overlaps
+    the compute. A group of its own (same ranks, backend and timeout; its own connections) keeps
+    the two apart. ``None`` (the default group) gets a new group over every rank; every rank must
+    call this at the same point. A given subgroup is returned as it is (creating one would need
+    every rank of the world, members or not, to call it).
+    """
+    if group is not None or not dist.is_initialized() or dist.get_world_size() == 1:
+        return group
+    timeout = default_store().timeout  # the default group's (CompressedDDP(timeout=...))
+    return dist.new_group(backend=dist.get_backend(), timeout=timeout)
 
 
 def allreduce_mean(x: Tensor, group: ProcessGroup | None, ledger: BitLedger | None) -> Tensor:

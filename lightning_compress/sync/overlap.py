@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_compress.comm.collectives import background_group
 from lightning_compress.comm.engine import PipelinedExchange
 from lightning_compress.comm.ledger import BitLedger, allreduce_wire_bytes
 from lightning_compress.compressors.base import NoCompression
@@ -114,11 +115,14 @@ class OverlapLocalSGD(PeriodicAveraging):
     the average of the other ranks. With ``"raise"``, every rank raises when that average
     completes, at the sync point after the next (or at the end of ``fit``).
 
-    Only one averaging collective is outstanding at any time, and every rank issues it at the
-    same optimizer step. Model buffers (BatchNorm statistics) travel in the same allreduce and
-    follow the rule without momentum. The replicas are never identical (each is pulled towards
-    the anchor, not replaced by it); the anchor is. :meth:`before_save` completes the pending
-    average, so a resumed run continues exactly like an uninterrupted one.
+    Only one average is outstanding at any time, and every rank issues it at the same optimizer
+    step, in a process group of its own
+    (:func:`~lightning_compress.comm.collectives.background_group`): on the default group,
+    Lightning's per-step broadcast would wait behind it, and so would the step. Model buffers
+    (BatchNorm statistics) travel in the same allreduce and follow the rule without momentum.
+    The replicas are never identical (each is pulled towards the anchor, not replaced by it);
+    the anchor is. :meth:`before_save` completes the pending average, so a resumed run continues
+    exactly like an uninterrupted one.
 
     **Compressed anchor average.** With a fixed-size codec as the strategy's compressor
     (:class:`~lightning_compress.compressors.QSGD`), the parameters of at least
@@ -172,7 +176,9 @@ class OverlapLocalSGD(PeriodicAveraging):
         self._inflight: Tensor | None
         self._flagged: tuple[str, int] | None
         self._engine: PipelinedExchange | None  # the compressed part's chunks in flight
-        for name in ("_work", "_inflight", "_flagged", "_engine"):
+        #: the group the average runs in: one of its own (:func:`background_group`)
+        self._group: dist.ProcessGroup | None
+        for name in ("_work", "_inflight", "_flagged", "_engine", "_group"):
             self.add_transient(name)
 
     def setup(self, ctx: SyncContext) -> None:
@@ -180,6 +186,7 @@ class OverlapLocalSGD(PeriodicAveraging):
         self._work, self._inflight, self._flagged, self._engine = None, None, None, None
         super().setup(ctx)
         self._world = dist.get_world_size(ctx.comm.process_group)
+        self._group = background_group(ctx.comm.process_group)
         if not self._compress and not isinstance(ctx.comm.compressor, NoCompression):
             log.warning(
                 "OverlapLocalSGD averages models with an exact non-blocking float32 allreduce; the "
@@ -286,7 +293,7 @@ class OverlapLocalSGD(PeriodicAveraging):
             delta = send[:n] - self.z[:n] if not bad else send.new_zeros(n)
             generator = self.rng.get(delta.device, cs.seed, cs.process_group)
             engine = self._engine = PipelinedExchange(
-                cs.compressor, cs.process_group, cs.ledger, generator, collective="allgather"
+                cs.compressor, self._group, cs.ledger, generator, collective="allgather"
             )
             engine.start(delta)
             engine.issue_all()
@@ -296,7 +303,7 @@ class OverlapLocalSGD(PeriodicAveraging):
             self._flagged = (cs.nonfinite, step)
         if send.numel():  # (nothing left when every tensor is compressed and there is no flag)
             self._inflight = send
-            self._work = launch_allreduce(send, cs.process_group, cs.ledger, extra=int(check))  # 4.
+            self._work = launch_allreduce(send, self._group, cs.ledger, extra=int(check))  # 4.
 
     def _leave_out(self, ctx: SyncContext, optimizers: list[Optimizer], tensors: list[Tensor],
                   step: int) -> None:
