@@ -290,7 +290,7 @@ def _notes(result: BenchmarkResult) -> list[str]:
                 + ". Stock DDP sends one large allreduce per step, and its backward pass, forward pass and "
                 "optimizer step run while nothing is on the wire; so do the compressed methods', plus "
                 "their encoding of the first chunk and decoding of the last (QSGD's exchange is "
-                "pipelined in chunks of 1 M elements: `lightning_compress/comm/engine.py`). The shorter "
+                "pipelined in chunks of 512 k elements: `lightning_compress/comm/engine.py`). The shorter "
                 "the transfer, the larger that share of the step: a method that sends 8x fewer bytes "
                 "than DDP keeps its link busy a smaller part of the time."
                 + (

@@ -47,10 +47,12 @@ from lightning_compress._compat import all_gather_single
 from lightning_compress.comm.ledger import BitLedger, all_gather_wire_bytes, all_to_all_wire_bytes
 from lightning_compress.compressors.base import Compressor, Payload
 
-#: Elements per chunk (4 MiB of float32; 512 KiB of 4-bit codes). Large enough that a chunk's
+#: Elements per chunk (2 MiB of float32; 256 KiB of 4-bit codes). Large enough that a chunk's
 #: collective costs far more than issuing it, small enough that a 4 M-parameter gradient makes
-#: 4-5 chunks, all in flight at once (every chunk is issued before the first is awaited).
-CHUNK_NUMEL = 1 << 20
+#: 8-9 chunks, all in flight at once (every chunk is issued before the first is awaited).
+#: Measured against 1 M elements (QSGD 4-bit, 2 workers, 100 Mbit/s, 3 alternating pairs):
+#: 270.6 / 285.8 / 268.4 against 292.7 / 286.8 / 314.1 ms per step (``docs/benchmarks.md``).
+CHUNK_NUMEL = 1 << 19
 
 COLLECTIVES = ("allgather", "two_phase")
 
