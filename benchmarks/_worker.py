@@ -33,6 +33,7 @@ from pytorch_lightning.callbacks import Callback
 from benchmarks import _methods
 from benchmarks._methods import AllreduceCounter, Method, get_method
 from benchmarks._tasks import TASKS
+from benchmarks._timeline import from_environment as timeline_from_environment
 
 
 def _read_counter(ifname: str | None, name: str) -> int | None:
@@ -207,7 +208,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         strategy=strategy,
         max_steps=int(cfg["steps"]),
         max_epochs=-1,
-        callbacks=[*callbacks, recorder],
+        callbacks=[*callbacks, recorder, *timeline_from_environment(cfg)],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

@@ -96,6 +96,12 @@ class CompressedDDPMixin:
             (``process_group_backend``, ``timeout``, ``start_method``, ...) and every
             ``DistributedDataParallel`` one (``find_unused_parameters``, ``bucket_cap_mb``, ...);
             any other name raises ``TypeError`` naming the closest valid one.
+            ``gradient_as_bucket_view`` defaults to ``True`` here (DDP's default is ``False``):
+            the gradients are views of DDP's buckets, which the exchange reads and overwrites in
+            place, so neither backward nor the end of the exchange copies the whole gradient
+            between them (one gradient-sized buffer less; 263-268 against 272-274 ms per QSGD
+            4-bit step in ``docs/benchmarks.md``). Pass ``False`` for code that assigns
+            ``param.grad`` a new tensor.
 
     Example::
 
@@ -125,6 +131,7 @@ class CompressedDDPMixin:
         **kwargs: Any,
     ) -> None:
         self._check_kwargs(kwargs)
+        kwargs.setdefault("gradient_as_bucket_view", True)
         clash = [k for k in _FORBIDDEN if kwargs.get(k) is not None]
         if clash:
             raise ValueError(

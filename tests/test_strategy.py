@@ -46,9 +46,7 @@ def topk_ef():
 
 
 def sketch():
-    return CompressedDDP(
-        compressor=CountSketch(rows=5, ratio=0.05), momentum=0.9, min_compression_size=256
-    )
+    return CompressedDDP(compressor=CountSketch(rows=5, ratio=0.05), momentum=0.9, min_compression_size=256)
 
 
 def none():
@@ -217,3 +215,33 @@ def test_registered_by_name():
 def test_bad_arguments_fail_at_construction(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         CompressedDDP(**kwargs)
+
+
+def _bucket_view(rank, world_size, as_view):
+    extra = {} if as_view is None else {"gradient_as_bucket_view": as_view}
+
+    def factory():
+        return CompressedDDP(compressor=QSGD(bits=4), min_compression_size=256, bucket_cap_mb=0.001, **extra)
+
+    seen = []
+
+    class Probe(pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            seen.append(trainer.strategy.model.gradient_as_bucket_view)  # the DDP wrapper's setting
+
+    pl.seed_everything(0, verbose=False)
+    model = ToyClassifier()
+    trainer = pl.Trainer(**trainer_kwargs(world_size, strategy=factory(), max_steps=6, callbacks=[Probe()]))
+    trainer.fit(model)
+    return {"params": flat_params(model), "as_view": set(seen)}
+
+
+def test_gradients_are_bucket_views_by_default_with_the_same_result():
+    # the exchange reads and overwrites DDP's buckets in place: with the gradients as views of
+    # them, neither backward nor the end of the exchange copies the gradient, and nothing changes
+    default = run_distributed(_bucket_view, 2, None)
+    copied = run_distributed(_bucket_view, 2, False)
+    assert [r["as_view"] for r in default] == [{True}, {True}]
+    assert [r["as_view"] for r in copied] == [{False}, {False}]
+    for a, b in zip(default, copied, strict=True):
+        assert torch.equal(a["params"], b["params"])
