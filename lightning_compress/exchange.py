@@ -2,7 +2,7 @@
 
 Every path that averages something compressed goes through here: the DDP hook (gradients),
 Local SGD / SlowMo / Overlap-Local-SGD at sync points (model deltas) and backup workers
-(gradients through the store). Three parts:
+(gradients all-gathered by a communication thread). Three parts:
 
 - :class:`ExchangeConfig`: the frozen settings (error feedback, momentum, the dense/compressed
   split, warm-up, seed, the non-finite mode), validated once;

@@ -433,6 +433,7 @@ class CompressedDDPMixin:
 
     @override
     def teardown(self) -> None:
+        self.sync.teardown()
         self.comm_state._pending, self.comm_state._inflight = [], []
         self._cpu_group = None  # destroyed with the default group
         super().teardown()

@@ -1,30 +1,48 @@
-"""First-``N``-of-``W`` exchange of byte payloads through a c10d ``Store``: no collective at all.
+"""First-``N``-of-``W`` exchange: the contributors decided through a store, payloads by all-gather.
 
 The transport of :class:`~lightning_compress.sync.BackupWorkers` (Chen et al., arXiv 1604.00981),
-free of Lightning and codecs: a plain collective waits for every member of its group, so the
-``b`` stragglers of a step must not take part in any; every payload goes through the store
-instead, and the store's atomic counter decides who contributes (see ``sync/backup.py``'s module
-docstring for the protocol, its design alternatives and its costs). The wire header of a
-payload is defined here too.
+free of Lightning and codecs. Two things move, by two routes:
+
+* **Who contributes** (a few bytes per rank and step) goes through the process group's c10d
+  ``Store``: an atomic counter hands out tickets, the first ``N`` are the contributors, and the
+  ``N``-th also publishes the payload size. The store sees the same few keys whatever the model.
+* **The payloads** (encoded gradients) go through an all-gather on a gloo group of their own,
+  run by a **communication thread** on every rank. As soon as a step is closed (``N`` tickets
+  taken), each rank's thread joins that step's all-gather: with its payload if it holds one of
+  the ``N`` tickets, with zeros of the same size otherwise. A late rank's thread joins while
+  its training thread is still computing (or is several steps behind), so a collective never
+  waits for a straggler's compute; the straggler later finds the steps it missed already
+  aggregated and applies them.
+
+Every rank's thread joins the steps in order, one all-gather each, so gloo sees the same sequence
+of collectives on every rank. See ``sync/backup.py``'s module docstring for the step protocol.
+The wire header of a payload is defined here too.
 """
 
 from __future__ import annotations
 
 import datetime
 import struct
+import threading
+import time
 from collections.abc import Callable
 
+import torch
 import torch.distributed as dist
+from torch import Tensor
 
-#: the TCPStore (libuv backend) rejects messages above 8 MiB; payloads travel in chunks of this size
-CHUNK = 4 << 20
-MAGIC = b"BKW2"
+from lightning_compress._compat import all_gather_single
+
+MAGIC = b"BKW3"
+#: the magic of a row of zeros: the all-gather slot of a rank that does not contribute
+EMPTY = bytes(4)
 # magic, step, rank, flags, dense numel, compressed numel, codec-settings length, and the sender's
 # squared pre-compression norm of the compressed part (what a policy decides the next width from)
 HEADER = struct.Struct("<4sqiiqqid")
 WARM = 1  # flag: every tensor sent as float32 (warm-up step)
-NONFINITE = 2  # flag: the sender's gradient holds NaN/Inf; no body follows
-COUNT = struct.Struct("<q")
+NONFINITE = 2  # flag: the sender's gradient holds NaN/Inf; its body is zeros
+#: the size a stopping rank publishes for a step that will not come (see FirstNExchange.stop)
+STOPPED = -1
 # DDP rebuilds its buckets at the first forward after the first backward of a new wrapper, with a
 # broadcast from rank 0 that every rank must join: a rank that skipped that backward would join
 # one step later, while the others wait in the broadcast for it and it waits for their
@@ -44,28 +62,42 @@ def seconds(timeout: float | datetime.timedelta | None) -> float | None:
 
 
 class FirstNExchange:
-    """First-``N``-of-``W`` exchange of byte payloads through a c10d ``Store`` (no collectives).
+    """First-``N``-of-``W`` exchange: tickets through a ``Store``, payloads by all-gather.
 
     The protocol of :class:`BackupWorkers` (module docstring, steps 0-5) without Lightning or
-    codecs, usable on any process group whose store all ranks share. Every rank calls, per step
-    ``s`` and in this order: :meth:`wait_lag`, optionally :meth:`closed`, then :meth:`arrive` (or
-    not, when it skips the step), :meth:`post` if its ticket is ``<= contributors``,
-    :meth:`collect`, :meth:`finish`.
+    codecs. Every rank calls, per step ``s`` and in this order: :meth:`wait_lag`, optionally
+    :meth:`closed`, then :meth:`arrive` with its payload (or not, when it skips the step),
+    :meth:`collect`, :meth:`finish`. :meth:`start` starts the communication thread before the
+    first step; :meth:`stop` ends it.
 
     Args:
         store: a store every rank reaches (e.g. ``lightning_compress._compat.default_store()``),
-            already prefixed so that its keys belong to this run.
+            already prefixed so that its keys belong to this run. The communication thread uses
+            a clone of it (a store client must not be shared between threads).
         rank: this rank.
         world_size: ``W``.
         contributors: ``N``, the number of payloads aggregated per step (``1 <= N <= W``).
         timeout: seconds any wait may take before it fails with a ``RuntimeError`` naming the
             step and the missing ranks.
         max_lag: how many steps the fastest rank may be ahead of the slowest (>= 1).
+        group: the gloo group the payloads are all-gathered on (its own: the thread's collectives
+            must not queue behind the training thread's); ``None``: the default group.
+
+    Attributes:
+        store_bytes: bytes this rank wrote to the store so far (keys and values): a few per
+            step, whatever the payload size.
 
     """
 
     def __init__(
-        self, store: dist.Store, rank: int, world_size: int, contributors: int, timeout: float, max_lag: int
+        self,
+        store: dist.Store,
+        rank: int,
+        world_size: int,
+        contributors: int,
+        timeout: float,
+        max_lag: int,
+        group: dist.ProcessGroup | None = None,
     ) -> None:
         if not 1 <= contributors <= world_size:
             raise ValueError(f"contributors must be in [1, world_size={world_size}], got {contributors}")
@@ -75,6 +107,71 @@ class FirstNExchange:
         self.contributors = contributors
         self.timeout = timeout
         self.max_lag = max_lag
+        self.group = group
+        self.store_bytes = 0
+        self._cv = threading.Condition()
+        self._offers: dict[int, Tensor] = {}  # step -> this rank's payload, until its ticket is known
+        self._tickets: dict[int, int] = {}
+        self._results: dict[int, Tensor] = {}
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._next = 0  # the step after the last one collected
+
+    # -- the communication thread ------------------------------------------------------------------
+    def start(self, step: int) -> None:
+        """Start the communication thread; it joins steps ``step, step + 1, ...`` as they close."""
+        if self._thread is not None:
+            raise RuntimeError("the first-N exchange's communication thread is already running")
+        self._next = step
+        self._thread = threading.Thread(
+            target=self._serve, args=(self.store.clone(), step), name=f"first-n-rank{self.rank}", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        """End the communication thread: the step after the last one collected will not come.
+
+        Marks that step closed with size :data:`STOPPED` (unless it was already closed), which
+        ends every rank's thread that waits for it: at the end of a fit every rank calls this at
+        the same step; after a failure it ends the other ranks' exchange at once instead of at
+        their timeout.
+        """
+        if self._thread is None:
+            return
+        self.store.compare_set(f"{self._next}/closed", "", str(STOPPED))
+        self._thread.join(timeout=self.timeout)
+        self._thread = None
+
+    def _serve(self, store: dist.Store, step: int) -> None:
+        try:
+            while True:
+                key = f"{step}/closed"
+                store.wait([key], datetime.timedelta(seconds=self.timeout))
+                size = int(store.get(key))
+                if size == STOPPED:
+                    raise RuntimeError(f"a rank stopped the exchange at step {step} (fit ended or failed)")
+                with self._cv:
+                    # this rank's training thread is taking a ticket: its answer decides the slot
+                    while step in self._offers and step not in self._tickets:
+                        self._cv.wait()
+                    offer = self._offers.pop(step, None)
+                    mine = offer if self._tickets.get(step, 0) <= self.contributors else None
+                if mine is not None and mine.numel() != size:
+                    raise RuntimeError(
+                        f"step {step}: this rank's payload has {mine.numel()} bytes, the step's "
+                        f"closing rank announced {size}: ranks disagree on the layout or the codec"
+                    )
+                send = mine if mine is not None else torch.zeros(size, dtype=torch.uint8)
+                recv = torch.empty(self.world_size * size, dtype=torch.uint8)
+                all_gather_single(recv, send, group=self.group)
+                with self._cv:
+                    self._results[step] = recv.view(self.world_size, size)
+                    self._cv.notify_all()
+                step += 1
+        except BaseException as err:  # handed to the training thread, which raises it
+            with self._cv:
+                self._error = err
+                self._cv.notify_all()
 
     def _wait(self, keys: list[str], what: Callable[[], str]) -> None:
         try:
@@ -113,60 +210,73 @@ class FirstNExchange:
         return self.store.add(f"{step}/arrive", 0) >= self.contributors
 
     # 2. arrive
-    def arrive(self, step: int) -> int:
-        """Take a ticket for ``step``: ``1..contributors`` contribute, later tickets are dropped."""
-        return int(self.store.add(f"{step}/arrive", 1))
+    def arrive(self, step: int, payload: Tensor) -> int:
+        """Offer ``payload`` (1-D ``uint8`` on the CPU) for ``step`` and take a ticket.
 
-    # 3. post
-    def post(self, step: int, ticket: int, payload: bytes) -> int:
-        """Publish a contributor's payload; returns the bytes sent to the store."""
-        if not 1 <= ticket <= self.contributors:
-            raise ValueError(f"ticket {ticket} of step {step} is not a contributor's, 1..{self.contributors}")
-        chunks = [payload[i : i + CHUNK] for i in range(0, max(len(payload), 1), CHUNK)]
-        for i, chunk in enumerate(chunks[1:], start=1):
-            self.store.set(f"{step}/g/{ticket}/{i}", chunk)
-        # the head goes last: once it exists, every chunk does
-        self.store.set(f"{step}/g/{ticket}", COUNT.pack(len(chunks)) + chunks[0])
-        return len(payload) + COUNT.size
+        Tickets ``1..contributors`` contribute: the communication thread sends the payload in the
+        step's all-gather. A later ticket's payload is dropped (the thread sends zeros). The
+        ``contributors``-th ticket closes the step and publishes the payload size.
+        """
+        with self._cv:
+            self._offers[step] = payload
+        ticket = self.contributors + 1  # if the store fails, the thread must not wait for an answer
+        try:
+            ticket = int(self.store.add(f"{step}/arrive", 1))
+            self.store_bytes += len(f"{step}/arrive") + 8
+            if ticket == self.contributors:
+                # compare_set: a stopped exchange's marker is not overwritten; fixed width: the
+                # store carries the same bytes whatever the payload size
+                size = f"{payload.numel():020d}"
+                self.store.compare_set(f"{step}/closed", "", size)
+                self.store_bytes += len(f"{step}/closed") + len(size)
+        finally:
+            with self._cv:
+                self._tickets[step] = ticket
+                if ticket > self.contributors:
+                    self._offers.pop(step, None)  # dropped, whether or not the thread is past the step
+                self._cv.notify_all()
+        return ticket
 
     # 4. collect
-    def collect(self, step: int) -> list[bytes]:
-        """Wait for the ``contributors`` payloads of ``step`` and return them in ticket order."""
-        heads = [f"{step}/g/{t}" for t in range(1, self.contributors + 1)]
+    def collect(self, step: int) -> Tensor:
+        """Every rank's slot of ``step``'s all-gather, as ``(W, P)`` rows in rank order.
+
+        A contributor's row is its payload; any other row is zeros (magic :data:`EMPTY`).
+        """
 
         def what() -> str:
             arrived = self.store.add(f"{step}/arrive", 0)
-            missing = [t for t, key in enumerate(heads, start=1) if not self.store.check([key])]
             return (
                 f"step {step}: {min(arrived, self.contributors)} of the {self.contributors} contributions "
-                f"needed arrived ({arrived} arrivals, tickets {missing} not posted); "
-                f"last step finished per rank: {self.positions()}"
+                f"needed arrived ({arrived} arrivals); last step finished per rank: {self.positions()}"
             )
 
-        self._wait(heads, what)
-        values = self.store.multi_get(heads)
-        counts = [COUNT.unpack_from(v)[0] for v in values]
-        extra = [f"{step}/g/{t}/{i}" for t, c in enumerate(counts, start=1) for i in range(1, c)]
-        rest = iter(self.store.multi_get(extra) if extra else [])
-        payloads = []
-        for value, count in zip(values, counts, strict=True):
-            parts = [value[COUNT.size :]] + [next(rest) for _ in range(count - 1)]
-            payloads.append(b"".join(parts) if count > 1 else parts[0])
-        self._counts = counts
-        return payloads
+        deadline = time.monotonic() + self.timeout
+        with self._cv:
+            while step not in self._results and self._error is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    message = f"BackupWorkers (rank {self.rank}): {what()} within {self.timeout:g} s"
+                    raise RuntimeError(message)
+                self._cv.wait(timeout=left)
+            if step not in self._results:  # the thread failed (or was stopped) before this step
+                raise RuntimeError(
+                    f"BackupWorkers (rank {self.rank}): the exchange of step {step} failed: {self._error}"
+                ) from self._error
+            self._tickets.pop(step, None)
+            self._next = step + 1
+            return self._results.pop(step)
 
     # 5. finish
     def finish(self, step: int) -> None:
         """Count this rank done with ``step``; the last rank cleans the step up and marks it finished."""
-        self.store.set(f"pos/{self.rank}", str(step))
+        self._set(f"pos/{self.rank}", str(step))
+        self.store_bytes += len(f"{step}/read") + 8
         if self.store.add(f"{step}/read", 1) < self.world_size:
             return
-        # Every rank has read step s: nobody touches its keys again, and every rank has passed
-        # its lag check on step s - max_lag (made before arriving at s).
-        counts = getattr(self, "_counts", [1] * self.contributors)
-        keys = [f"{step}/arrive", f"{step}/read"]
-        for t, c in enumerate(counts, start=1):
-            keys += [f"{step}/g/{t}"] + [f"{step}/g/{t}/{i}" for i in range(1, c)]
+        # Every rank has read step s (so every communication thread is past it): nobody touches its
+        # keys again, and every rank has passed its lag check on step s - max_lag.
+        keys = [f"{step}/arrive", f"{step}/read", f"{step}/closed"]
         if step - self.max_lag >= 0:
             keys.append(f"{step - self.max_lag}/done")
         for key in keys:
@@ -174,16 +284,20 @@ class FirstNExchange:
                 self.store.delete_key(key)
             except (RuntimeError, NotImplementedError):  # a store without deletion only keeps more keys
                 break
-        self.store.set(f"{step}/done", "1")
+        self._set(f"{step}/done", "1")
+
+    def _set(self, key: str, value: str) -> None:
+        self.store.set(key, value)
+        self.store_bytes += len(key) + len(value)
 
 
 __all__ = [
-    "CHUNK",
-    "COUNT",
+    "EMPTY",
     "HEADER",
     "MAGIC",
     "NONFINITE",
     "NO_SKIP_STEPS",
+    "STOPPED",
     "WARM",
     "FirstNExchange",
     "seconds",

@@ -5,77 +5,72 @@ to finish their backward pass and drops the other ``b``; a gradient computed for
 never applied at any other step (stale gradients are dropped, as in the paper). One slow machine
 then no longer sets the pace: a step waits for the ``N``-th fastest rank, not the slowest.
 
-Design: first-N exchange through the c10d Store
-==============================================
+Design: tickets through the store, gradients by all-gather from a communication thread
+=====================================================================================
 
-A plain collective (allreduce, all-gather, broadcast) waits for every member of its group, so the
-straggler must not be a participant of any blocking collective of the step. Three designs were
-weighed (see ``docs/backup_workers.md``):
-
-- contributors run the usual compressed collective in a *sub-group* of the ``N`` ranks that
-  arrived first: needs a process group per possible contributor set (``C(W, b)`` of them,
-  each a full gloo mesh or NCCL communicator), plus a side channel for the late ranks;
-- a root gathers the first ``N`` payloads with point-to-point messages and broadcasts: the
-  broadcast is again a collective over everyone (gloo's root blocks until every receiver has
-  posted its receive; measured), so the root, and everyone after it, waits for the straggler;
-- **every payload goes through the Store** (implemented): no collective at all during a step.
-
-The step protocol, for optimizer step ``s``, on every rank (``store`` is the default process
-group's ``TCPStore`` under a per-``fit`` prefix):
+A plain collective waits for every member of its group, so a straggler's *training* thread must
+not be a participant of any collective of the step. Its *communication* thread can be: it is
+idle, and joins each step's collective as soon as the step's contributors are known, with zeros
+if its own rank is not among them. So the payloads move by an all-gather over a gloo group of
+their own, and the store carries only who contributes (``comm/first_n.py``). The step protocol,
+for optimizer step ``s``, on every rank:
 
 0. *Bounded lag.* Wait until every rank has finished step ``s - max_lag`` (a key set by the
    last rank to finish it). Fast ranks may run up to ``max_lag`` steps ahead of a straggler;
-   this bounds the payloads the store holds and turns a dead rank into a loud timeout.
+   this bounds the aggregated steps a slow rank holds and turns a dead rank into a loud timeout.
 1. *Late already?* Read the arrival counter of step ``s``. If ``N`` ranks have already arrived,
-   this rank's gradient would be dropped: it skips ``training_step`` and backward for this step
-   (Lightning's closure is not run) and only applies the aggregate. That is how a rank that fell
-   behind catches up: it replays the steps it missed at the cost of an optimizer step each,
-   like a worker of the paper's parameter server that fetches the newest parameters. (Not in
-   the first two steps of a fit: DDP's one-time bucket rebuild is a broadcast every rank must
-   reach from a computed backward.)
-2. *Compute and arrive.* Run the closure (forward and backward; the DDP comm hook leaves the
-   gradients local), then take a ticket with the store's atomic ``add(f"{s}/arrive", 1)``. The
-   counter is the single authority: tickets ``1..N`` are the contributors, the same set on
-   every rank, decided without any rank having to agree with any other.
-3. *Post.* A contributor encodes its gradient: tensors below ``min_compression_size`` (and every
-   tensor during ``warmup_steps``) as float32, the others with the strategy's codec
-   (``compress`` → ``Payload.to_bytes()``, error feedback as configured), and sets it under
-   ``f"{s}/g/{ticket}"`` (values above 4 MiB are chunked: the store caps a message at 8 MiB).
-   A late rank posts nothing, and leaves its error-feedback memory untouched: its gradient is
-   dropped, not deferred. A gradient holding NaN/Inf is posted as a flag instead (the
-   strategy's ``nonfinite``): every rank reads it, so all skip the step, or all raise.
-4. *Aggregate.* Every rank, contributor or not, waits for the ``N`` payloads, decodes them and
-   sums them **in rank order**, divides by ``N``, and writes the average into ``.grad``. All
-   ranks decode the same bytes in the same order, so the average, hence the parameters after
-   ``optimizer.step``, are bit-identical everywhere; gradient clipping and
+   this rank's gradient would be dropped: with ``skip_late_steps`` it skips ``training_step`` and
+   backward for this step (Lightning's closure is not run) and only applies the aggregate. That
+   is how a rank that fell behind catches up: it replays the steps it missed at the cost of an
+   optimizer step each, like a worker of the paper's parameter server that fetches the newest
+   parameters. (Not in the first two steps of a fit: DDP's one-time bucket rebuild is a
+   broadcast every rank must reach from a computed backward.)
+2. *Compute, encode, arrive.* Run the closure (forward and backward; the DDP comm hook leaves
+   the gradients local) and encode the gradient: tensors below ``min_compression_size`` (and
+   every tensor during ``warmup_steps``) as float32, the others with the strategy's codec
+   (error feedback as configured), behind a header; the size depends only on the layout and
+   the codec's settings, the same on every rank. Offer it to the communication thread, then
+   take a ticket with the store's atomic ``add(f"{s}/arrive", 1)``: tickets ``1..N`` are the
+   contributors, the same set on every rank. The ``N``-th ticket closes the step and publishes
+   the payload size (fixed width: the store carries the same bytes whatever the model).
+3. *All-gather* (communication thread). Once step ``s`` is closed, every rank's thread joins
+   its all-gather: with its payload if it holds one of the ``N`` tickets, else with zeros. A
+   late rank's error-feedback memory is left untouched: its gradient is dropped, not deferred.
+   A gradient holding NaN/Inf is sent as a flagged header: every rank reads it, so all skip the
+   step, or all raise.
+4. *Aggregate.* Every rank decodes the ``N`` contributors' rows, sums them **in rank order**,
+   divides by ``N``, and writes the average into ``.grad``: the same bytes in the same order, so
+   the parameters after ``optimizer.step`` are bit-identical everywhere; gradient clipping and
    ``on_before_optimizer_step`` see the average, as with DDP.
 5. *Finish.* Count this rank as done with step ``s``; the last of the ``W`` ranks deletes the
-   step's keys and marks the step finished (step 0).
+   step's keys and marks the step finished.
+
+Designs weighed (``docs/backup_workers.md``): contributors allreducing in a sub-group of the
+first ``N`` (a process group per possible contributor set, ``C(W, b)`` of them); a root that
+gathers and broadcasts (a broadcast waits for every receiver, the straggler included); every
+payload through the store (the previous version: ``W·N·P`` bytes per step through rank 0's
+process, unfit for real models).
 
 Costs, honestly:
 
-- **Bytes through the master.** The store server runs in rank 0's process. Per step it
-  receives ``N·P`` bytes (``P``: one encoded gradient) and sends ``W·N·P``: traffic grows as
-  ``W·N`` and all of it crosses one host, whereas a ring allreduce spreads ``2·d·4`` bytes per
-  rank. Use a codec (8-bit QSGD: ``P ≈ d``; Top-K 1 %: ``P ≈ 0.06·d``) and keep this design to
-  models whose ``W·N·P`` per step the master's link carries easily (tens of MB); here a
-  ``TCPStore`` on localhost took about 1 s to take in 24 MiB and hand it back. The ledger counts
-  what *this* rank sends (its payload, once), not the master's fan-out.
-- **Latency.** About eight store round trips per step (peek, ticket, post, wait, read, finish,
-  lag check, SIGTERM flag), tens of microseconds each on one host, ~0.1-1 ms on a cluster.
+- **Bytes.** Each rank sends its ``P``-byte slot (zeros if late) to the ``W - 1`` others: the
+  all-gather's ``(W - 1)·P`` per rank, spread over every link (a ring), where the two-phase
+  exchange of ``backups=0`` sends ``2(W - 1)/W·P``. The ledger counts the all-gather's bytes.
+- **Latency.** A few store round trips per step (lag check, peek, ticket, finish, SIGTERM flag),
+  tens of microseconds each on one host, ~0.1-1 ms on a cluster.
 - **Wasted work.** ``b`` gradients per step are computed and dropped (unless a rank is late
   enough to skip), so each step averages ``N`` gradients: the effective batch is ``N·B``.
-- **Store memory.** At most ``(max_lag + 1)·N·P`` bytes of payloads on the master.
-- **GPU (NCCL).** Payloads go device → host → store → host → device; there are no NCCL calls in
-  the step, which is why it cannot deadlock there either (tested on CPU/gloo only).
+- **Memory.** A rank that is behind holds up to ``max_lag`` aggregated steps (``W·P`` bytes each).
+- **GPU (NCCL).** Payloads go device → host → gloo → host → device: the communication thread
+  runs gloo on CPU bytes whatever the device (tested on CPU/gloo only).
 
 What else must not couple the ranks: Lightning (2.6) broadcasts a SIGTERM flag from rank 0 at
 every training batch, and gloo's broadcast blocks the root until every rank has joined, which
 would make the straggler set the pace again. :meth:`BackupWorkers.setup` replaces that broadcast
 with a store flag (same behaviour: every rank raises ``SIGTERMException`` once rank 0 received
-SIGTERM); and ``fit`` ends with a barrier, so that rank 0, which serves the store, does not
-leave while a slower rank still reads its last steps. DDP's buffer broadcast before every
-forward (models with buffers, e.g. BatchNorm, under ``broadcast_buffers=True``),
+SIGTERM); and ``fit`` ends by stopping the communication thread and a barrier, so that rank 0,
+which serves the store, does not leave while a slower rank still reads its last steps. DDP's
+buffer broadcast before every forward (models with buffers, e.g. BatchNorm, under ``broadcast_buffers=True``),
 ``self.log(..., sync_dist=True)`` in ``training_step``, ``SyncBatchNorm`` and the ``Timer``
 callback are collectives too: they do not deadlock (every rank issues them in the same order),
 but the fast ranks wait for the slow one there. A warning names the buffer case at setup.
@@ -98,6 +93,7 @@ from lightning_compress._compat import default_store, mark_closure_skipped, repl
 from lightning_compress._lightning import namespace_of
 from lightning_compress.comm.collectives import nonfinite_flag
 from lightning_compress.comm.first_n import (
+    EMPTY,
     HEADER,
     MAGIC,
     NO_SKIP_STEPS,
@@ -106,6 +102,7 @@ from lightning_compress.comm.first_n import (
     FirstNExchange,
     seconds,
 )
+from lightning_compress.comm.ledger import all_gather_wire_bytes
 from lightning_compress.exchange import (
     COMPRESSED,
     ExchangeMemory,
@@ -145,8 +142,8 @@ class BackupWorkers(SyncSchedule):
             to fail fast when a machine dies; keep it well above the slowest expected step.
         max_lag: how many steps the fastest ranks may run ahead of the slowest before waiting
             for it. Higher absorbs longer stalls (a stall longer than ``max_lag`` fast steps
-            paces the others again); lower caps the payloads the store holds
-            (``(max_lag + 1)·N·P`` bytes on rank 0) and detects a dead rank sooner. Typical 8-64.
+            paces the others again); lower caps the aggregated steps a slow rank holds
+            (``max_lag·W·P`` bytes) and detects a dead rank sooner. Typical 8-64.
         skip_late_steps: a rank that is already late when a step starts (``N`` ranks have
             arrived) skips ``training_step`` and backward for that step and only applies the
             average, which is how it catches up after a stall. Off by default: turn it on only
@@ -207,6 +204,7 @@ class BackupWorkers(SyncSchedule):
         self._names: dict[int, str] = {}
         self._running: int | None = None
         self._fit_steps = 0
+        self._started = False  # whether the exchange's communication thread runs
 
     @property
     def contributors(self) -> int:
@@ -254,7 +252,11 @@ class BackupWorkers(SyncSchedule):
         timeout = self.timeout if self.timeout is not None else store.timeout.total_seconds()
         run_store = dist.PrefixStore(f"{generation}/", base)
         n = world - self.backups
-        self._exchange = FirstNExchange(run_store, self._rank, world, n, timeout, self.max_lag)
+        # the payloads' all-gather runs from a thread of its own, on a gloo group of its own (CPU
+        # bytes whatever the device; never queued behind the training thread's collectives)
+        group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout))
+        self._exchange = FirstNExchange(run_store, self._rank, world, n, timeout, self.max_lag, group)
+        self._started = False
         self._replace_sigterm_broadcast(ctx.trainer)
         ddp = ctx.model
         if getattr(ddp, "broadcast_buffers", False) and any(True for _ in model.buffers()):
@@ -281,6 +283,9 @@ class BackupWorkers(SyncSchedule):
                 "workers need optimizers that evaluate it once per step"
             )
         self._running = step
+        if not self._started:
+            exchange.start(step)  # every rank starts at the same step (the fit's first, or the restored one)
+            self._started = True
         exchange.wait_lag(step)  # 0.
         params = self._params(optimizer)
         comm = ctx.comm
@@ -296,22 +301,25 @@ class BackupWorkers(SyncSchedule):
         if self.skip_late_steps and self._fit_steps > NO_SKIP_STEPS and exchange.closed(step):  # 1.
             skipped = mark_closure_skipped(closure)
         output = None if skipped else closure()
-        ticket = exchange.contributors + 1
-        sent = 0
         if not skipped:
-            ticket = exchange.arrive(step)  # 2.
+            payload = self._encode(ctx, params, step)  # 3. (offered before the ticket: see arrive)
+            ticket = exchange.arrive(step, payload)  # 2.
             if ticket <= exchange.contributors:
-                sent = exchange.post(step, ticket, self._encode(ctx, params, step))  # 3.
+                for coords, nbytes in self._coords:
+                    comm.ledger.record_coords(coords, nbytes, self._world_size)
+            else:
+                self._pending = None  # dropped: this rank's error-feedback memory stays as it was
         start = time.perf_counter()
-        payloads = exchange.collect(step)  # 4.
+        rows = exchange.collect(step)  # 4.
         self.last_wait_s = time.perf_counter() - start
         try:
-            contributors, grad_norm = self._decode_into(ctx, params, step, payloads)
+            contributors, grad_norm = self._decode_into(ctx, params, step, rows)
         finally:
             exchange.finish(step)  # 5. (also when every rank raises for non-finite gradients)
 
-        if sent:
-            comm.ledger.record(sent, sent)  # the strategy closes the ledger's step
+        # every rank's slot crossed the wire (a late rank's as zeros); the strategy closes the step
+        size = rows.shape[1]
+        comm.ledger.record(size, all_gather_wire_bytes(size, self._world_size))
         # the hook counts its flushes; a skipped step had none, and every rank must agree on it
         comm.exchanged_elsewhere(step, compressed, grad_norm)
         self.last_step = step
@@ -325,8 +333,17 @@ class BackupWorkers(SyncSchedule):
 
     def on_train_end(self, ctx: SyncContext) -> None:
         # Rank 0 hosts the store: it must not leave while a slower rank still reads its last steps.
+        if self._exchange is not None:
+            self._exchange.stop()
+            self._started = False
         if self._exchange is not None and dist.is_initialized():
             dist.barrier()
+
+    def teardown(self) -> None:
+        # also after a failure: ends this rank's communication thread and tells the others
+        if self._exchange is not None:
+            self._exchange.stop()
+            self._started = False
 
     # -- encoding ----------------------------------------------------------------------------------
     def _params(self, optimizer: Optimizer) -> list[tuple[str, Tensor]]:
@@ -366,7 +383,13 @@ class BackupWorkers(SyncSchedule):
         else:
             self.memory.relayout(layout, (), device)
 
-    def _encode(self, ctx: SyncContext, params: list[tuple[str, Tensor]], step: int) -> bytes:
+    def _encode(self, ctx: SyncContext, params: list[tuple[str, Tensor]], step: int) -> Tensor:
+        """This rank's payload of ``step``: header, codec settings, dense float32, codec payload.
+
+        A 1-D ``uint8`` CPU tensor whose size depends only on the layout and the codec's settings
+        (the same on every rank), so it fills one all-gather slot; a non-finite gradient is
+        sent as its header and zeros.
+        """
         comm = ctx.comm
         dense, large, warm = self._split(ctx, params, step)
         device = params[0][1].device if params else torch.device("cpu")
@@ -378,6 +401,9 @@ class BackupWorkers(SyncSchedule):
         sizes = (dense_flat.numel(), large_flat.numel())
         flags = WARM if warm else 0
         self._pending = None
+        self._coords: list[tuple[int, int]] = []
+        size = HEADER.size + len(meta) + 4 * dense_flat.numel()
+        size += codec.payload_nbytes(large_flat.numel()) if large else 0
         check = comm.config.checks
         # the norm and the non-finite flag are read to the host together: one device sync
         norm_sq_t = torch.linalg.vector_norm(large_flat).square().reshape(1)
@@ -385,7 +411,10 @@ class BackupWorkers(SyncSchedule):
         norm_sq, nonfinite = torch.cat([norm_sq_t, flag]).tolist()
         if check and nonfinite:
             # every rank reads this flag from the same payload: all skip (or raise) together
-            return HEADER.pack(MAGIC, step, self._rank, flags | NONFINITE, *sizes, len(meta), 0.0) + meta
+            head = HEADER.pack(MAGIC, step, self._rank, flags | NONFINITE, *sizes, len(meta), 0.0) + meta
+            out = torch.zeros(size, dtype=torch.uint8)
+            out[: len(head)] = _from_bytes(head)
+            return out
         if large:
             # p = g + e, C(p); e ← p - C(p) (arXiv 1901.09847, Alg. 2) is committed once the step is
             # known to be applied (see _decode_into). Only a contributor gets here: a late rank's
@@ -395,14 +424,19 @@ class BackupWorkers(SyncSchedule):
                 large_flat, codec, comm.config, memory, comm.generator(large_flat.device)
             )
             parts.append(_to_bytes(payload.to_bytes()))
-            comm.ledger.record_coords(large_flat.numel(), payload.nbytes, self._world_size)
+            self._coords.append((large_flat.numel(), payload.nbytes))
         if dense:
-            comm.ledger.record_coords(dense_flat.numel(), 4 * dense_flat.numel(), self._world_size)
+            self._coords.append((dense_flat.numel(), 4 * dense_flat.numel()))
         header = HEADER.pack(MAGIC, step, self._rank, flags, *sizes, len(meta), norm_sq)
-        return header + meta + b"".join(parts)
+        out = torch.cat([_from_bytes(header + meta), *parts])
+        if out.numel() != size:
+            raise RuntimeError(
+                f"BackupWorkers: the payload of step {step} has {out.numel()} bytes, its layout says {size}"
+            )
+        return out
 
     def _decode_into(
-        self, ctx: SyncContext, params: list[tuple[str, Tensor]], step: int, payloads: list[bytes]
+        self, ctx: SyncContext, params: list[tuple[str, Tensor]], step: int, rows: Tensor
     ) -> tuple[tuple[int, ...], float | None]:
         comm = ctx.comm
         codec: Compressor = comm.compressor
@@ -414,11 +448,14 @@ class BackupWorkers(SyncSchedule):
         received = []
         norms_sq: list[float] = []
         bad = []
-        for blob in payloads:
-            magic, p_step, rank, flags, p_dense, p_large, meta_len, norm_sq = HEADER.unpack_from(blob)
-            p_meta = blob[HEADER.size : HEADER.size + meta_len]
+        for slot, row in enumerate(rows):
+            head = row[: HEADER.size].numpy().tobytes()
+            if head[:4] == EMPTY:
+                continue  # a rank that does not contribute to this step sent zeros
+            magic, p_step, rank, flags, p_dense, p_large, meta_len, norm_sq = HEADER.unpack(head)
+            p_meta = row[HEADER.size : HEADER.size + meta_len].numpy().tobytes()
             layout_ok = bool(flags & WARM) == warm and (p_dense, p_large) == (n_dense, n_large)
-            if magic != MAGIC or p_step != step or not layout_ok:
+            if magic != MAGIC or p_step != step or rank != slot or not layout_ok:
                 raise RuntimeError(
                     f"BackupWorkers: rank {rank}'s payload for step {step} does not match this rank's layout "
                     f"(step {p_step}, {p_dense}+{p_large} vs {n_dense}+{n_large} elements): ranks disagree"
@@ -428,12 +465,16 @@ class BackupWorkers(SyncSchedule):
                     f"BackupWorkers: rank {rank} encoded step {step} with codec settings {p_meta.decode()} "
                     f"but this rank has {meta.decode()}; codec settings must change identically on every rank"
                 )
-            received.append((rank, blob[HEADER.size + meta_len :]))
+            received.append((rank, row[HEADER.size + meta_len :]))
             norms_sq.append(norm_sq)
             if flags & NONFINITE:
                 bad.append(rank)
-        received.sort(key=lambda item: item[0])  # rank order: the same sum on every rank
-        contributors = tuple(rank for rank, _ in received)
+        if len(received) != self.contributors:
+            raise RuntimeError(
+                f"BackupWorkers: step {step} holds {len(received)} contributions, "
+                f"{self.contributors} expected"
+            )
+        contributors = tuple(rank for rank, _ in received)  # rank order: the same sum on every rank
         pending, self._pending = self._pending, None
         if bad:
             self._on_nonfinite(comm, step, sorted(bad))
@@ -446,7 +487,7 @@ class BackupWorkers(SyncSchedule):
         scatter_add = getattr(codec, "scatter_add_into", None)
         # divide before summing, as DDP does: finite gradients near float32's maximum stay finite
         for _, body in received:
-            buf = torch.frombuffer(bytearray(body), dtype=torch.uint8).to(device)
+            buf = body.to(device, copy=True)  # a fresh, aligned buffer (a row slice is not)
             if n_dense:
                 dense_sum.add_(buf[: 4 * n_dense].view(torch.float32), alpha=1.0 / count)
             if n_large:
@@ -563,8 +604,13 @@ def _flat_grads(params: list[tuple[str, Tensor]], device: torch.device) -> Tenso
     )
 
 
-def _to_bytes(t: Tensor) -> bytes:
-    return t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
+def _to_bytes(t: Tensor) -> Tensor:
+    """``t``'s bytes as a 1-D ``uint8`` CPU tensor."""
+    return t.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
+
+
+def _from_bytes(b: bytes) -> Tensor:
+    return torch.frombuffer(bytearray(b), dtype=torch.uint8)
 
 
 def _write_grads(params: list[tuple[str, Tensor]], flat: Tensor) -> None:

@@ -104,6 +104,9 @@ class SyncSchedule(DeclaredState):
     def on_train_end(self, ctx: SyncContext) -> None:
         """Run once when ``fit`` ends normally (not after an exception)."""
 
+    def teardown(self) -> None:
+        """When the strategy tears down, after a failure too: release threads or groups (no-op)."""
+
     def before_save(self, ctx: SyncContext) -> None:
         """Called before the state is saved (complete pending asynchronous work here)."""
 
