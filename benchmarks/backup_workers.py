@@ -7,7 +7,7 @@ waits for every rank) and once with ``backups=1`` (every step averages the first
 
 The compute is a sleep on purpose: with 4 processes on a 2-core machine, real compute would
 contend for the cores and the measurement would be about the scheduler, not the protocol. What
-this measures is the schedule and its store round trips; a real model adds its own compute.
+this measures is the schedule (store round trips, the all-gather); a real model adds its own compute.
 
 Mean step time = (the moment the *last* rank finished its last step - the moment the first rank
 started the first measured step) / measured steps, so a straggler still catching up at the end
