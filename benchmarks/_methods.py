@@ -189,6 +189,7 @@ def _policy(name: str, **kwargs: Any) -> Callable[[], Any]:
 
 
 _KEY = re.compile(r"^(localsgd|slowmo|overlap)(\d+)(?:_(q\d|topk\d+))?$")
+_BACKUP = re.compile(r"^backup(\d+)(?:_(q\d|topk\d+))?$")
 
 
 def _codec(spec: str | None) -> tuple[Callable[[], Any], str, bool | None]:
@@ -199,6 +200,19 @@ def _codec(spec: str | None) -> tuple[Callable[[], Any], str, bool | None]:
         return _qsgd(int(spec[1:])), f" + QSGD {spec[1:]}-bit", None
     permille = int(spec[4:])
     return _topk(permille / 1000), f" + Top-K {permille / 10:g}% + EF", True
+
+
+def _backup(key: str) -> Method:
+    """``backup<b>[_<codec>]``: BackupWorkers(backups=b), late ranks skip their compute."""
+    m = _BACKUP.match(key)
+    if m is None:
+        raise KeyError(key)
+    backups, spec = int(m.group(1)), m.group(2)
+    codec, suffix, ef = _codec(spec)
+    kwargs: dict[str, Any] = {} if ef is None else {"error_feedback": ef}
+    sync = _sync("BackupWorkers", backups=backups, skip_late_steps=True, timeout=600.0)
+    build = _compressed(codec, sync=sync, **kwargs)
+    return Method(key, f"backup workers b={backups}{suffix}", "lightning_compress", build)
 
 
 def _periodic(key: str) -> Method:
@@ -293,6 +307,8 @@ def methods(extra: tuple[str, ...] = ()) -> dict[str, Method]:
     for key in (*DEFAULT_METHODS, *extra):
         if key not in out and _KEY.match(key):
             out[key] = _periodic(key)
+        elif key not in out and _BACKUP.match(key):
+            out[key] = _backup(key)
     return out
 
 
@@ -316,6 +332,9 @@ DEFAULT_METHODS = [
 
 
 def get_method(key: str) -> Method:
-    """The method named ``key`` (fixed, or spelled ``<schedule><τ>[_<codec>]``); KeyError if unknown."""
+    """The method named ``key`` (fixed, or spelled ``<schedule><τ>[_<codec>]`` or
+    ``backup<b>[_<codec>]``); KeyError if unknown."""
     table = methods()
-    return table[key] if key in table else _periodic(key)
+    if key in table:
+        return table[key]
+    return _backup(key) if _BACKUP.match(key) else _periodic(key)

@@ -84,6 +84,11 @@ class Recorder(Callback):
             )
             self.paused += time.perf_counter() - t
 
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        straggler = self.cfg.get("straggler")
+        if straggler and trainer.global_rank == int(straggler[0]):
+            time.sleep(float(straggler[1]) / 1000.0)  # an injected straggler (--straggler RANK:MS)
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.tx0 = _read_counter(self.ifname, "tx_bytes")
         self.rx0 = _read_counter(self.ifname, "rx_bytes")

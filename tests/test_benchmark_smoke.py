@@ -100,3 +100,19 @@ def test_help_documents_the_knobs() -> None:
 def test_bad_arguments_are_refused(bad: list[str]) -> None:
     proc = subprocess.run([sys.executable, str(SCRIPT), *bad], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "error" in proc.stderr
+
+
+def test_backup_methods_and_straggler_option():
+    sys.path.insert(0, str(ROOT))
+    from benchmarks._methods import get_method
+    from benchmarks._netem.cli import parse_args
+    from lightning_compress.sync import BackupWorkers
+
+    strategy, _ = get_method("backup1_q4").build()
+    assert isinstance(strategy.sync, BackupWorkers)
+    assert strategy.sync.backups == 1 and strategy.sync.skip_late_steps
+    assert strategy.comm_state.compressor.bits == 4
+    assert parse_args(["--straggler", "3:300"]).straggler == (3, 300.0)
+    for bad in ("0:300", "3", "3:-1"):  # rank 0 measures; MS >= 0
+        with pytest.raises(SystemExit):
+            parse_args(["--straggler", bad])

@@ -25,6 +25,19 @@ from benchmarks._netem.runner import run_grid
 from benchmarks._netem.targets import check_targets
 
 
+def _straggler(text: str) -> tuple[int, float]:
+    """``RANK:MS`` -> ``(rank, ms)``."""
+    try:
+        rank, ms = text.split(":")
+        out = (int(rank), float(ms))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--straggler takes RANK:MS (e.g. 3:300), got {text!r}") from None
+    if out[0] < 1 or out[1] < 0:
+        message = f"--straggler: RANK >= 1 (rank 0 measures) and MS >= 0, got {text!r}"
+        raise argparse.ArgumentTypeError(message)
+    return out
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The options; ``--quick`` fixes the grid, ``--part`` becomes a list of :class:`Part`."""
     p = argparse.ArgumentParser(
@@ -112,6 +125,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="auto",
         help="rate whose runs ignore --budget and give every method its whole accuracy curve ('auto': "
         "loopback if among the rates, else the fastest)",
+    )
+    r.add_argument(
+        "--straggler",
+        type=_straggler,
+        default=None,
+        metavar="RANK:MS",
+        help="inject a straggler: that rank sleeps MS milliseconds before every training step "
+        "(for backup workers: methods backup<b>[_<codec>], e.g. backup0_q4,backup1_q4)",
     )
     r.add_argument("--run-timeout", type=float, default=1500.0, help="kill a run after this many seconds")
     r.add_argument("--floor-steps", type=int, default=64, help="steps of the single-process floor run")

@@ -45,6 +45,7 @@ class WorkerConfig:
     warmup: int = 0
     isolated: bool = False  # in a namespace: read its interface counters
     out: str = ""  # the report's path; "{rank}" stands for the worker's rank
+    straggler: tuple[int, float] | None = None  # (rank, ms): that rank sleeps ms before every step
     world: int = 1
 
 
@@ -62,6 +63,7 @@ def task_config(args: argparse.Namespace, task: str) -> WorkerConfig:
         eval_every=args.eval_every or TASK_DEFAULTS[task]["eval_every"],
         seed=args.seed,
         bucket_cap_mb=args.bucket_cap_mb,
+        straggler=args.straggler,
     )
 
 
