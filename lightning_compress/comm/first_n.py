@@ -118,6 +118,11 @@ class FirstNExchange:
         self._next = 0  # the step after the last one collected
 
     # -- the communication thread ------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        """Whether the communication thread was started and not stopped."""
+        return self._thread is not None
+
     def start(self, step: int) -> None:
         """Start the communication thread; it joins steps ``step, step + 1, ...`` as they close."""
         if self._thread is not None:
@@ -221,8 +226,7 @@ class FirstNExchange:
             self._offers[step] = payload
         ticket = self.contributors + 1  # if the store fails, the thread must not wait for an answer
         try:
-            ticket = int(self.store.add(f"{step}/arrive", 1))
-            self.store_bytes += len(f"{step}/arrive") + 8
+            ticket = self._add(f"{step}/arrive")
             if ticket == self.contributors:
                 # compare_set: a stopped exchange's marker is not overwritten; fixed width: the
                 # store carries the same bytes whatever the payload size
@@ -271,8 +275,7 @@ class FirstNExchange:
     def finish(self, step: int) -> None:
         """Count this rank done with ``step``; the last rank cleans the step up and marks it finished."""
         self._set(f"pos/{self.rank}", str(step))
-        self.store_bytes += len(f"{step}/read") + 8
-        if self.store.add(f"{step}/read", 1) < self.world_size:
+        if self._add(f"{step}/read") < self.world_size:
             return
         # Every rank has read step s (so every communication thread is past it): nobody touches its
         # keys again, and every rank has passed its lag check on step s - max_lag.
@@ -289,6 +292,11 @@ class FirstNExchange:
     def _set(self, key: str, value: str) -> None:
         self.store.set(key, value)
         self.store_bytes += len(key) + len(value)
+
+    def _add(self, key: str) -> int:
+        """Increment a counter by one (a key and an 8-byte integer written); its new value."""
+        self.store_bytes += len(key) + 8
+        return int(self.store.add(key, 1))
 
 
 __all__ = [

@@ -204,7 +204,6 @@ class BackupWorkers(SyncSchedule):
         self._names: dict[int, str] = {}
         self._running: int | None = None
         self._fit_steps = 0
-        self._started = False  # whether the exchange's communication thread runs
 
     @property
     def contributors(self) -> int:
@@ -256,7 +255,6 @@ class BackupWorkers(SyncSchedule):
         # bytes whatever the device; never queued behind the training thread's collectives)
         group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout))
         self._exchange = FirstNExchange(run_store, self._rank, world, n, timeout, self.max_lag, group)
-        self._started = False
         self._replace_sigterm_broadcast(ctx.trainer)
         ddp = ctx.model
         if getattr(ddp, "broadcast_buffers", False) and any(True for _ in model.buffers()):
@@ -283,9 +281,8 @@ class BackupWorkers(SyncSchedule):
                 "workers need optimizers that evaluate it once per step"
             )
         self._running = step
-        if not self._started:
+        if not exchange.running:
             exchange.start(step)  # every rank starts at the same step (the fit's first, or the restored one)
-            self._started = True
         exchange.wait_lag(step)  # 0.
         params = self._params(optimizer)
         comm = ctx.comm
@@ -302,10 +299,10 @@ class BackupWorkers(SyncSchedule):
             skipped = mark_closure_skipped(closure)
         output = None if skipped else closure()
         if not skipped:
-            payload = self._encode(ctx, params, step)  # 3. (offered before the ticket: see arrive)
+            payload, coords_sent = self._encode(ctx, params, step)  # 3. (offered before the ticket)
             ticket = exchange.arrive(step, payload)  # 2.
             if ticket <= exchange.contributors:
-                for coords, nbytes in self._coords:
+                for coords, nbytes in coords_sent:
                     comm.ledger.record_coords(coords, nbytes, self._world_size)
             else:
                 self._pending = None  # dropped: this rank's error-feedback memory stays as it was
@@ -333,9 +330,7 @@ class BackupWorkers(SyncSchedule):
 
     def on_train_end(self, ctx: SyncContext) -> None:
         # Rank 0 hosts the store: it must not leave while a slower rank still reads its last steps.
-        if self._exchange is not None:
-            self._exchange.stop()
-            self._started = False
+        self.teardown()
         if self._exchange is not None and dist.is_initialized():
             dist.barrier()
 
@@ -343,7 +338,6 @@ class BackupWorkers(SyncSchedule):
         # also after a failure: ends this rank's communication thread and tells the others
         if self._exchange is not None:
             self._exchange.stop()
-            self._started = False
 
     # -- encoding ----------------------------------------------------------------------------------
     def _params(self, optimizer: Optimizer) -> list[tuple[str, Tensor]]:
@@ -383,12 +377,16 @@ class BackupWorkers(SyncSchedule):
         else:
             self.memory.relayout(layout, (), device)
 
-    def _encode(self, ctx: SyncContext, params: list[tuple[str, Tensor]], step: int) -> Tensor:
-        """This rank's payload of ``step``: header, codec settings, dense float32, codec payload.
+    def _encode(
+        self, ctx: SyncContext, params: list[tuple[str, Tensor]], step: int
+    ) -> tuple[Tensor, list[tuple[int, int]]]:
+        """This rank's payload of ``step`` and the ``(coordinates, bytes)`` of each of its parts.
 
-        A 1-D ``uint8`` CPU tensor whose size depends only on the layout and the codec's settings
-        (the same on every rank), so it fills one all-gather slot; a non-finite gradient is
-        sent as its header and zeros.
+        The parts are the header, the codec settings, the dense float32 tensors and the codec
+        payload; the ledger records the coded ones if the rank contributes. The payload is a 1-D
+        ``uint8`` CPU tensor whose size depends only on the layout and the codec's settings (the
+        same on every rank), so it fills one all-gather slot; a non-finite gradient is sent as
+        its header and zeros.
         """
         comm = ctx.comm
         dense, large, warm = self._split(ctx, params, step)
@@ -401,7 +399,7 @@ class BackupWorkers(SyncSchedule):
         sizes = (dense_flat.numel(), large_flat.numel())
         flags = WARM if warm else 0
         self._pending = None
-        self._coords: list[tuple[int, int]] = []
+        coords: list[tuple[int, int]] = []
         size = HEADER.size + len(meta) + 4 * dense_flat.numel()
         size += codec.payload_nbytes(large_flat.numel()) if large else 0
         check = comm.config.checks
@@ -414,26 +412,26 @@ class BackupWorkers(SyncSchedule):
             head = HEADER.pack(MAGIC, step, self._rank, flags | NONFINITE, *sizes, len(meta), 0.0) + meta
             out = torch.zeros(size, dtype=torch.uint8)
             out[: len(head)] = _from_bytes(head)
-            return out
+            return out, coords
         if large:
             # p = g + e, C(p); e ← p - C(p) (arXiv 1901.09847, Alg. 2) is committed once the step is
-            # known to be applied (see _decode_into). Only a contributor gets here: a late rank's
-            # gradient is dropped whole, not carried into a later step through this memory.
+            # known to be applied (see _decode_into); a rank whose ticket comes too late drops it,
+            # so its gradient is dropped whole, not carried into a later step through this memory.
             memory = self._memory_for(large, device)
             payload, self._pending = encode_with_feedback(
                 large_flat, codec, comm.config, memory, comm.generator(large_flat.device)
             )
             parts.append(_to_bytes(payload.to_bytes()))
-            self._coords.append((large_flat.numel(), payload.nbytes))
+            coords.append((large_flat.numel(), payload.nbytes))
         if dense:
-            self._coords.append((dense_flat.numel(), 4 * dense_flat.numel()))
+            coords.append((dense_flat.numel(), 4 * dense_flat.numel()))
         header = HEADER.pack(MAGIC, step, self._rank, flags, *sizes, len(meta), norm_sq)
         out = torch.cat([_from_bytes(header + meta), *parts])
         if out.numel() != size:
             raise RuntimeError(
                 f"BackupWorkers: the payload of step {step} has {out.numel()} bytes, its layout says {size}"
             )
-        return out
+        return out, coords
 
     def _decode_into(
         self, ctx: SyncContext, params: list[tuple[str, Tensor]], step: int, rows: Tensor
