@@ -10,7 +10,7 @@ Local SGD / SlowMo / Overlap-Local-SGD at sync points (model deltas) and backup 
   parameter name so they survive DDP's bucket rebuild, the end of warm-up and a resume;
 - :func:`compressed_average`: ``x -> average over ranks`` with the memory's algorithm (momentum
   correction / Sketched SGD accumulation, error feedback, or none), and
-  :func:`encode_with_feedback`, its store-based twin for backup workers.
+  :func:`encode_with_feedback`, its twin for backup workers' first-N exchange.
 
 Helpers every path shares live here too: :func:`split_by_size` (which tensors travel dense),
 :class:`RankGenerator` (the seeded per-rank rounding stream, restored exactly on resume),
@@ -452,21 +452,42 @@ def encode_with_feedback(
     config: ExchangeConfig,
     memory: ExchangeMemory,
     generator: torch.Generator | None,
-) -> tuple[Payload, Callable[[], None]]:
-    """Compress ``x`` for a transport other than a collective (backup workers' store).
+    shard_numel: int | None = None,
+) -> tuple[list[Payload], Callable[[], None]]:
+    """Compress ``x`` for a transport other than the DDP hook's (backup workers' first-N exchange).
 
     Error feedback as in :func:`compressed_average`, step 2, except that ``e ← p − C(p)`` is
     returned as a commit function: the caller applies it once the step is known to be applied
     (a dropped or skipped step leaves the memory untouched).
+
+    Args:
+        x: the flat gradient to send.
+        compressor: the codec.
+        config: the exchange's settings (whether error feedback is on).
+        memory: the error-feedback memory ``e``, laid out over ``x``.
+        generator: the rounding generator.
+        shard_numel: ``None``: one payload of all of ``p``. Otherwise ``p`` is padded with zeros
+            to a multiple of ``shard_numel`` and each shard is compressed on its own, in order
+            (the first phase of a two-phase exchange sends shard ``r`` to rank ``r``); the
+            residual is taken against the shards' decodings, trimmed to ``x``'s length.
+
+    Returns:
+        ``(payloads, commit)``: one payload, or one per shard.
+
     """
     p = memory.v.compensate(COMPRESSED, x) if config.error_feedback else x
-    payload = compressor.compress(p, generator)
+    if shard_numel is None:
+        payloads = [compressor.compress(p, generator)]
+    else:
+        padded = torch.nn.functional.pad(p, (0, -p.numel() % shard_numel)) if p.numel() % shard_numel else p
+        payloads = [compressor.compress(shard, generator) for shard in padded.split(shard_numel)]
 
     def commit() -> None:
         if config.error_feedback:
-            memory.v.update(COMPRESSED, p, compressor.decompress(payload).reshape(-1).float())
+            decoded = torch.cat([compressor.decompress(q).reshape(-1).float() for q in payloads])
+            memory.v.update(COMPRESSED, p, decoded[: p.numel()])
 
-    return payload, commit
+    return payloads, commit
 
 
 __all__ = [

@@ -107,6 +107,31 @@ def all_gather_in_pieces(
     return torch.cat([recv.view(world, -1) for recv, _ in pieces], dim=1)
 
 
+def all_to_all_in_pieces(
+    send: Tensor, group: dist.ProcessGroup | None, ledger: BitLedger | None, piece_bytes: int = PIECE_BYTES
+) -> Tensor:
+    """Rank ``j``'s row ``r`` of ``send`` (uint8 ``(W, n)``) lands in row ``j`` of rank ``r``'s result.
+
+    The all-to-all of equal slots (the first phase of a two-phase exchange), cut into pieces of
+    ``piece_bytes`` per slot, all in flight at once and issued in the same order on every rank,
+    like :func:`all_gather_in_pieces`. Returns ``(W, n)``: every rank's slot for this rank.
+    """
+    world, n = send.shape
+    pieces = []
+    for a, b in chunk_bounds(n, 1, piece_bytes):
+        part = send[:, a:b].contiguous()
+        recv = torch.empty_like(part)
+        work = dist.all_to_all_single(recv, part, group=group, async_op=True)
+        pieces.append((recv, work))
+        if ledger is not None:
+            ledger.record(part.numel(), all_to_all_wire_bytes(part.numel(), world))
+    for _, work in pieces:
+        work.wait()
+    if len(pieces) == 1:
+        return pieces[0][0]
+    return torch.cat([recv for recv, _ in pieces], dim=1)
+
+
 @dataclass
 class _Chunk:
     """One chunk's state as it moves through the pipeline's stages."""

@@ -6,17 +6,27 @@ free of Lightning and codecs. Two things move, by two routes:
 * **Who contributes** (a few bytes per rank and step) goes through the process group's c10d
   ``Store``: an atomic counter hands out tickets, the first ``N`` are the contributors, and the
   ``N``-th also publishes the payload size. The store sees the same few keys whatever the model.
-* **The payloads** (encoded gradients) go through an all-gather on a gloo group of their own,
-  run by a **communication thread** on every rank. As soon as a step is closed (``N`` tickets
-  taken), each rank's thread joins that step's all-gather: with its payload if it holds one of
-  the ``N`` tickets, with zeros of the same size otherwise. A late rank's thread joins while
-  its training thread is still computing (or is several steps behind), so a collective never
-  waits for a straggler's compute; the straggler later finds the steps it missed already
-  aggregated and applies them.
+* **The payloads** (encoded gradients) go by collectives on a gloo group of their own, run by
+  a **communication thread** on every rank. As soon as a step is closed (``N`` tickets taken),
+  each rank's thread joins that step's exchange: with its payload if it holds one of the ``N``
+  tickets, with zeros of the same size otherwise. A late rank's thread joins while its
+  training thread is still computing (or is several steps behind), so a collective never waits
+  for a straggler's compute; the straggler later finds the steps it missed already aggregated
+  and applies them.
 
-Every rank's thread joins the steps in order, one all-gather each, so gloo sees the same sequence
-of collectives on every rank. See ``sync/backup.py``'s module docstring for the step protocol.
-The wire header of a payload is defined here too.
+Two exchanges, both free of codecs here:
+
+* **All-gather** (no ``reduce``): every rank receives every rank's payload, ``(W−1)·P`` bytes sent
+  per rank. For payloads that cannot be cut into shards and averaged shard by shard (Top-K).
+* **Two-phase** (a ``reduce`` function): the payload is ``W`` equal slots, slot ``r`` for rank
+  ``r`` (an encoded shard of the gradient). An all-to-all hands every rank its slot from every
+  rank; ``reduce`` turns them into one averaged, re-encoded shard (zeros from late ranks are
+  skipped there); an all-gather hands every rank every averaged shard. ``2(W−1)/W·P`` bytes sent
+  per rank, as in the engine's exchange without backups (``comm/engine.py``).
+
+Every rank's thread joins the steps in order, the same collectives each, so gloo sees the same
+sequence on every rank. See ``sync/backup.py``'s module docstring for the step protocol. The wire
+header of a payload is defined here too.
 """
 
 from __future__ import annotations
@@ -31,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_compress._compat import all_gather_single
+from lightning_compress.comm.engine import all_gather_in_pieces, all_to_all_in_pieces
 
 MAGIC = b"BKW3"
 #: the magic of a row of zeros: the all-gather slot of a rank that does not contribute
@@ -80,8 +90,14 @@ class FirstNExchange:
         timeout: seconds any wait may take before it fails with a ``RuntimeError`` naming the
             step and the missing ranks.
         max_lag: how many steps the fastest rank may be ahead of the slowest (>= 1).
-        group: the gloo group the payloads are all-gathered on (its own: the thread's collectives
-            must not queue behind the training thread's); ``None``: the default group.
+        group: the gloo group the payloads travel on (its own: the thread's collectives must not
+            queue behind the training thread's); ``None``: the default group.
+        reduce: ``None``: payloads are all-gathered. Otherwise the two-phase exchange:
+            ``reduce(step, rows)`` runs on the communication thread with ``rows`` (``(W, P/W)``
+            uint8: every rank's slot for this rank, zeros from a late rank) and returns this
+            rank's share of the result (1-D uint8, the same size on every rank), which is then
+            all-gathered. It must decide from ``rows`` alone (every rank sees every
+            contributor's header there), so that every rank returns the same size.
 
     Attributes:
         store_bytes: bytes this rank wrote to the store so far (keys and values): a few per
@@ -98,6 +114,7 @@ class FirstNExchange:
         timeout: float,
         max_lag: int,
         group: dist.ProcessGroup | None = None,
+        reduce: Callable[[int, Tensor], Tensor] | None = None,
     ) -> None:
         if not 1 <= contributors <= world_size:
             raise ValueError(f"contributors must be in [1, world_size={world_size}], got {contributors}")
@@ -108,11 +125,12 @@ class FirstNExchange:
         self.timeout = timeout
         self.max_lag = max_lag
         self.group = group
+        self.reduce = reduce
         self.store_bytes = 0
         self._cv = threading.Condition()
         self._offers: dict[int, Tensor] = {}  # step -> this rank's payload, until its ticket is known
         self._tickets: dict[int, int] = {}
-        self._results: dict[int, Tensor] = {}
+        self._results: dict[int, tuple[Tensor, Tensor | None]] = {}
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._next = 0  # the step after the last one collected
@@ -167,10 +185,15 @@ class FirstNExchange:
                         f"closing rank announced {size}: ranks disagree on the layout or the codec"
                     )
                 send = mine if mine is not None else torch.zeros(size, dtype=torch.uint8)
-                recv = torch.empty(self.world_size * size, dtype=torch.uint8)
-                all_gather_single(recv, send, group=self.group)
+                if self.reduce is None:
+                    result = (all_gather_in_pieces(send, self.group, None), None)
+                else:
+                    if size % self.world_size:
+                        raise RuntimeError(f"step {step}: a two-phase payload of {size} bytes is not W slots")
+                    rows = all_to_all_in_pieces(send.view(self.world_size, -1), self.group, None)
+                    result = (rows, all_gather_in_pieces(self.reduce(step, rows), self.group, None))
                 with self._cv:
-                    self._results[step] = recv.view(self.world_size, size)
+                    self._results[step] = result
                     self._cv.notify_all()
                 step += 1
         except BaseException as err:  # handed to the training thread, which raises it
@@ -242,10 +265,13 @@ class FirstNExchange:
         return ticket
 
     # 4. collect
-    def collect(self, step: int) -> Tensor:
-        """Every rank's slot of ``step``'s all-gather, as ``(W, P)`` rows in rank order.
+    def collect(self, step: int) -> tuple[Tensor, Tensor | None]:
+        """``(rows, reduced)`` of ``step``, in rank order.
 
-        A contributor's row is its payload; any other row is zeros (magic :data:`EMPTY`).
+        All-gather: ``rows`` is ``(W, P)``, every rank's payload, and ``reduced`` is ``None``.
+        Two-phase: ``rows`` is ``(W, P/W)``, every rank's slot for this rank (its headers say
+        who contributed), and ``reduced`` is ``(W, R)``, every rank's result of ``reduce``. A
+        row of a rank that does not contribute is zeros (magic :data:`EMPTY`).
         """
 
         def what() -> str:

@@ -78,6 +78,8 @@ but the fast ranks wait for the slow one there. A warning names the buffer case 
 
 from __future__ import annotations
 
+import ast
+import copy
 import datetime
 import logging
 import math
@@ -92,6 +94,7 @@ from torch import Tensor
 from lightning_compress._compat import default_store, mark_closure_skipped, replace_sigterm_broadcast
 from lightning_compress._lightning import namespace_of
 from lightning_compress.comm.collectives import nonfinite_flag
+from lightning_compress.comm.engine import choose_collective
 from lightning_compress.comm.first_n import (
     EMPTY,
     HEADER,
@@ -102,7 +105,7 @@ from lightning_compress.comm.first_n import (
     FirstNExchange,
     seconds,
 )
-from lightning_compress.comm.ledger import all_gather_wire_bytes
+from lightning_compress.comm.ledger import all_gather_wire_bytes, all_to_all_wire_bytes
 from lightning_compress.exchange import (
     COMPRESSED,
     ExchangeMemory,
@@ -204,6 +207,9 @@ class BackupWorkers(SyncSchedule):
         self._names: dict[int, str] = {}
         self._running: int | None = None
         self._fit_steps = 0
+        self._codec: Compressor | None = None
+        self._codecs: dict[bytes, Compressor] = {}  # by the settings in the headers (both threads)
+        self._seed = 0
 
     @property
     def contributors(self) -> int:
@@ -214,6 +220,19 @@ class BackupWorkers(SyncSchedule):
     def active(self) -> bool:
         """Whether steps go through the first-N exchange (``backups > 0`` on more than one rank)."""
         return self._exchange is not None
+
+    @property
+    def two_phase(self) -> bool:
+        """Whether payloads go by the two-phase exchange (shards averaged and re-encoded) or an all-gather.
+
+        Two-phase for codecs whose payload can be cut into shards and averaged shard by shard
+        (quantizers, float32) from three ranks on, where it sends ``2(W−1)/W`` of a payload per
+        rank against the all-gather's ``W−1``; all-gather for Top-K and for two ranks (the same
+        bytes in one collective, no second rounding). Known after setup.
+        """
+        codec = self._codec
+        shardable = codec is not None and codec.exchange in ("two_phase", "allreduce")
+        return shardable and choose_collective(self._world_size) == "two_phase"
 
     # -- SyncSchedule ----------------------------------------------------------------------------
     def setup(self, ctx: SyncContext) -> None:
@@ -254,7 +273,9 @@ class BackupWorkers(SyncSchedule):
         # the payloads' all-gather runs from a thread of its own, on a gloo group of its own (CPU
         # bytes whatever the device; never queued behind the training thread's collectives)
         group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout))
-        self._exchange = FirstNExchange(run_store, self._rank, world, n, timeout, self.max_lag, group)
+        self._codec, self._codecs, self._seed = comm.compressor, {}, comm.seed
+        reduce = self._reduce if self.two_phase else None
+        self._exchange = FirstNExchange(run_store, self._rank, world, n, timeout, self.max_lag, group, reduce)
         self._replace_sigterm_broadcast(ctx.trainer)
         ddp = ctx.model
         if getattr(ddp, "broadcast_buffers", False) and any(True for _ in model.buffers()):
@@ -307,16 +328,20 @@ class BackupWorkers(SyncSchedule):
             else:
                 self._pending = None  # dropped: this rank's error-feedback memory stays as it was
         start = time.perf_counter()
-        rows = exchange.collect(step)  # 4.
+        rows, reduced = exchange.collect(step)  # 4.
         self.last_wait_s = time.perf_counter() - start
         try:
-            contributors, grad_norm = self._decode_into(ctx, params, step, rows)
+            contributors, grad_norm = self._decode_into(ctx, params, step, rows, reduced)
         finally:
             exchange.finish(step)  # 5. (also when every rank raises for non-finite gradients)
 
-        # every rank's slot crossed the wire (a late rank's as zeros); the strategy closes the step
-        size = rows.shape[1]
-        comm.ledger.record(size, all_gather_wire_bytes(size, self._world_size))
+        # every rank's slots crossed the wire (a late rank's as zeros); the strategy closes the step
+        world = self._world_size
+        if reduced is None:
+            comm.ledger.record(rows.shape[1], all_gather_wire_bytes(rows.shape[1], world))
+        else:
+            comm.ledger.record(rows.numel(), all_to_all_wire_bytes(rows.numel(), world))
+            comm.ledger.record(reduced.shape[1], all_gather_wire_bytes(reduced.shape[1], world))
         # the hook counts its flushes; a skipped step had none, and every rank must agree on it
         comm.exchanged_elsewhere(step, compressed, grad_norm)
         self.last_step = step
@@ -377,64 +402,148 @@ class BackupWorkers(SyncSchedule):
         else:
             self.memory.relayout(layout, (), device)
 
+    def _shards(self, n_dense: int, n_large: int, codec: Compressor) -> tuple[int, int, int]:
+        """Two-phase: ``(dense, large, bytes)`` elements per shard and bytes of an averaged shard.
+
+        ``W`` shards of each part, the compressed part's a multiple of the codec's alignment
+        (whole buckets and bytes of codes); the vectors are padded with zeros to ``W`` shards.
+        """
+        world = self._world_size
+        unit = codec.alignment()
+        dense, large = -(-n_dense // world), -(-n_large // (world * unit)) * unit
+        return dense, large, 4 * dense + (codec.payload_nbytes(large) if large else 0)
+
+    def _codec_for(self, meta: bytes) -> Compressor:
+        """The strategy's codec with the settings ``meta`` (a header's): what those bytes were encoded with.
+
+        A policy changes the live codec's settings on the training thread while the communication
+        thread may still decode and re-encode an earlier step; so both threads decode with the
+        settings the payloads carry, from a copy per setting.
+        """
+        codec = self._codecs.get(meta)
+        if codec is None:
+            assert self._codec is not None
+            codec = copy.copy(self._codec)
+            for key, value in ast.literal_eval(meta.decode()).items():
+                setattr(codec, key, value)
+            self._codecs[meta] = codec
+        return codec
+
     def _encode(
         self, ctx: SyncContext, params: list[tuple[str, Tensor]], step: int
     ) -> tuple[Tensor, list[tuple[int, int]]]:
         """This rank's payload of ``step`` and the ``(coordinates, bytes)`` of each of its parts.
 
-        The parts are the header, the codec settings, the dense float32 tensors and the codec
-        payload; the ledger records the coded ones if the rank contributes. The payload is a 1-D
-        ``uint8`` CPU tensor whose size depends only on the layout and the codec's settings (the
-        same on every rank), so it fills one all-gather slot; a non-finite gradient is sent as
-        its header and zeros.
+        A payload is a header, the codec settings, the dense float32 tensors and the codec
+        payload; the ledger records the coded parts if the rank contributes. Two-phase, it is
+        ``W`` equal slots, each the header and settings, then shard ``r`` of the dense vector and
+        of the encoded one. The payload is a 1-D ``uint8`` CPU tensor whose size depends only on
+        the layout and the codec's settings (the same on every rank), so it fills one slot of the
+        collectives; a non-finite gradient is sent as its headers and zeros.
         """
         comm = ctx.comm
         dense, large, warm = self._split(ctx, params, step)
         device = params[0][1].device if params else torch.device("cpu")
         dense_flat = _flat_grads(dense, device)
         large_flat = _flat_grads(large, device)
-        parts = [_to_bytes(dense_flat)]
         codec = comm.compressor
         meta = repr(codec.meta()).encode()
         sizes = (dense_flat.numel(), large_flat.numel())
         flags = WARM if warm else 0
         self._pending = None
         coords: list[tuple[int, int]] = []
-        size = HEADER.size + len(meta) + 4 * dense_flat.numel()
-        size += codec.payload_nbytes(large_flat.numel()) if large else 0
+        slots, shard = 1, None
+        dense_bytes = 4 * dense_flat.numel()
+        large_bytes = codec.payload_nbytes(large_flat.numel()) if large else 0
+        if self.two_phase:
+            slots = self._world_size
+            d, shard, _ = self._shards(*sizes, codec)
+            dense_bytes, large_bytes = 4 * d, codec.payload_nbytes(shard) if large else 0
+            dense_flat = torch.nn.functional.pad(dense_flat, (0, slots * d - dense_flat.numel()))
+        size = slots * (HEADER.size + len(meta) + dense_bytes + large_bytes)
         check = comm.config.checks
         # the norm and the non-finite flag are read to the host together: one device sync
         norm_sq_t = torch.linalg.vector_norm(large_flat).square().reshape(1)
         flag = nonfinite_flag([dense_flat, large_flat], device) if check else torch.zeros(1, device=device)
         norm_sq, nonfinite = torch.cat([norm_sq_t, flag]).tolist()
         if check and nonfinite:
-            # every rank reads this flag from the same payload: all skip (or raise) together
-            head = HEADER.pack(MAGIC, step, self._rank, flags | NONFINITE, *sizes, len(meta), 0.0) + meta
-            out = torch.zeros(size, dtype=torch.uint8)
-            out[: len(head)] = _from_bytes(head)
-            return out, coords
+            # every rank reads this flag from the same headers: all skip (or raise) together
+            packed = HEADER.pack(MAGIC, step, self._rank, flags | NONFINITE, *sizes, len(meta), 0.0)
+            head = _from_bytes(packed + meta)
+            out = torch.zeros(slots, size // slots, dtype=torch.uint8)
+            out[:, : head.numel()] = head
+            return out.view(-1), coords
+        encoded: list[Tensor] = []
         if large:
             # p = g + e, C(p); e ← p - C(p) (arXiv 1901.09847, Alg. 2) is committed once the step is
             # known to be applied (see _decode_into); a rank whose ticket comes too late drops it,
             # so its gradient is dropped whole, not carried into a later step through this memory.
             memory = self._memory_for(large, device)
-            payload, self._pending = encode_with_feedback(
-                large_flat, codec, comm.config, memory, comm.generator(large_flat.device)
+            payloads, self._pending = encode_with_feedback(
+                large_flat, codec, comm.config, memory, comm.generator(large_flat.device), shard
             )
-            parts.append(_to_bytes(payload.to_bytes()))
-            coords.append((large_flat.numel(), payload.nbytes))
+            encoded = [_to_bytes(q.to_bytes()) for q in payloads]
+            coords.append((large_flat.numel(), sum(q.nbytes for q in payloads)))
         if dense:
-            coords.append((dense_flat.numel(), 4 * dense_flat.numel()))
-        header = HEADER.pack(MAGIC, step, self._rank, flags, *sizes, len(meta), norm_sq)
-        out = torch.cat([_from_bytes(header + meta), *parts])
+            coords.append((sizes[0], 4 * sizes[0]))
+        head = _from_bytes(HEADER.pack(MAGIC, step, self._rank, flags, *sizes, len(meta), norm_sq) + meta)
+        dense_parts = _to_bytes(dense_flat).chunk(slots) if dense_bytes else [head[:0]] * slots
+        out = torch.cat([t for r in range(slots) for t in (head, dense_parts[r], *encoded[r : r + 1])])
         if out.numel() != size:
             raise RuntimeError(
                 f"BackupWorkers: the payload of step {step} has {out.numel()} bytes, its layout says {size}"
             )
         return out, coords
 
+    def _reduce(self, step: int, rows: Tensor) -> Tensor:
+        """Two-phase, on the communication thread: this rank's shard averaged over the contributors.
+
+        ``rows[j]`` is rank ``j``'s slot for this rank (zeros if ``j`` is late). The contributors'
+        shards are decoded and averaged in rank order (divided by their number before adding, as
+        DDP does) and the average is re-encoded with the settings in their headers (stochastic
+        rounding keeps it unbiased; the generator is seeded by seed, step and rank, so a resumed
+        run draws the same). Decided from the headers alone, which every rank sees alike: if they
+        disagree, or a contributor's gradient is non-finite, every rank returns zeros of the same
+        size and the training threads raise or skip the step together (:meth:`_decode_into`).
+        """
+        heads = []
+        for row in rows:
+            head = row[: HEADER.size].numpy().tobytes()
+            if head[:4] != EMPTY:
+                magic, _, _, flags, n_dense, n_large, meta_len, _ = HEADER.unpack(head)
+                meta = row[HEADER.size : HEADER.size + meta_len].numpy().tobytes()
+                body = row[HEADER.size + meta_len :]
+                heads.append(((magic, flags & WARM, n_dense, n_large, meta), flags, body))
+        if not heads or len({key for key, _, _ in heads}) != 1 or heads[0][0][0] != MAGIC:
+            return torch.zeros(1, dtype=torch.uint8)  # every rank raises in _decode_into
+        (_, _, n_dense, n_large, meta), _, _ = heads[0]
+        codec = self._codec_for(meta)
+        d, shard, nbytes = self._shards(n_dense, n_large, codec)
+        if any(flags & NONFINITE for _, flags, _ in heads):
+            return torch.zeros(nbytes, dtype=torch.uint8)
+        dense_sum = torch.zeros(d, dtype=torch.float32)
+        large_sum = torch.zeros(shard, dtype=torch.float32)
+        count = len(heads)
+        for _, _, body in heads:
+            buf = body.clone()  # a fresh, aligned buffer (a row slice is not)
+            dense_sum.add_(buf[: 4 * d].view(torch.float32), alpha=1.0 / count)
+            if shard:
+                payload = codec.from_bytes(buf[4 * d :], (shard,), torch.float32)
+                large_sum.add_(codec.decompress(payload).reshape(-1).to(torch.float32), alpha=1.0 / count)
+        parts = [_to_bytes(dense_sum)]
+        if shard:
+            seed = ((self._seed * 1_000_003 + step) * self._world_size + self._rank) % (1 << 62)
+            generator = torch.Generator().manual_seed(seed)
+            parts.append(_to_bytes(codec.compress(large_sum, generator).to_bytes()))
+        return torch.cat(parts)
+
     def _decode_into(
-        self, ctx: SyncContext, params: list[tuple[str, Tensor]], step: int, rows: Tensor
+        self,
+        ctx: SyncContext,
+        params: list[tuple[str, Tensor]],
+        step: int,
+        rows: Tensor,
+        reduced: Tensor | None,
     ) -> tuple[tuple[int, ...], float | None]:
         comm = ctx.comm
         codec: Compressor = comm.compressor
@@ -479,6 +588,24 @@ class BackupWorkers(SyncSchedule):
             return contributors, None
         if pending is not None:
             pending()  # the step is applied: this contributor's error-feedback update stands
+        if reduced is None:
+            dense_avg, large_avg = self._average(codec, received, n_dense, n_large, device)
+        else:
+            dense_avg, large_avg = self._gathered(self._codec_for(meta), reduced, n_dense, n_large, device)
+        _write_grads(dense, dense_avg)
+        _write_grads(large, large_avg)
+        # the contributors' pre-compression norm, from the same headers on every rank
+        return contributors, math.sqrt(math.fsum(norms_sq) / len(received)) if n_large else None
+
+    @staticmethod
+    def _average(
+        codec: Compressor,
+        received: list[tuple[int, Tensor]],
+        n_dense: int,
+        n_large: int,
+        device: torch.device,
+    ) -> tuple[Tensor, Tensor]:
+        """All-gather: the mean of the contributors' decoded payloads, summed in rank order."""
         count = len(received)
         dense_sum = torch.zeros(n_dense, dtype=torch.float32, device=device)
         large_sum = torch.zeros(n_large, dtype=torch.float32, device=device)
@@ -494,10 +621,21 @@ class BackupWorkers(SyncSchedule):
                     scatter_add(large_sum, payload, alpha=1.0 / count)
                 else:
                     large_sum.add_(codec.decompress(payload).reshape(-1).to(torch.float32), alpha=1.0 / count)
-        _write_grads(dense, dense_sum)
-        _write_grads(large, large_sum)
-        # the contributors' pre-compression norm, from the same headers on every rank
-        return contributors, math.sqrt(math.fsum(norms_sq) / count) if n_large else None
+        return dense_sum, large_sum
+
+    def _gathered(
+        self, codec: Compressor, reduced: Tensor, n_dense: int, n_large: int, device: torch.device
+    ) -> tuple[Tensor, Tensor]:
+        """Two-phase: the averaged shards of every rank laid end to end, trimmed to the layout."""
+        d, shard, _ = self._shards(n_dense, n_large, codec)
+        buf = reduced.to(device, copy=True)  # (W, bytes): fresh and aligned
+        dense_avg = buf[:, : 4 * d].contiguous().view(torch.float32).reshape(-1)[:n_dense]
+        large_avg = torch.empty(self._world_size * shard, dtype=torch.float32, device=device)
+        if shard:
+            for r, row in enumerate(buf):
+                payload = codec.from_bytes(row[4 * d :].clone(), (shard,), torch.float32)
+                large_avg[r * shard : (r + 1) * shard] = codec.decompress(payload).reshape(-1)
+        return dense_avg, large_avg[:n_large]
 
     def _on_nonfinite(self, comm: CompressionState, step: int, ranks: list[int]) -> None:
         # same contract as the DDP hook's `nonfinite` (CompressedDDP drops the step on

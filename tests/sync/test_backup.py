@@ -100,6 +100,8 @@ def _fit(rank, world_size, strategy_factory, steps, sleep_before=(), sleep_in_st
         "applied": probe.applied,
         "ledger_steps": ledger.steps,
         "bytes": ledger.total.payload_bytes,
+        "wire": ledger.total.wire_bytes,
+        "two_phase": getattr(sync, "two_phase", None),
         "dropped_total": getattr(sync, "dropped_total", None),
         "skipped_total": getattr(sync, "skipped_total", None),
     }
@@ -195,6 +197,14 @@ def test_compressed_payloads_with_straggler(factory):
     numel = results[0]["params"].numel()
     per_step = max(r["bytes"] for r in results) / steps
     assert 0 < per_step < 4 * numel / 2, (per_step, numel)
+    # QSGD among 4 ranks: the two-phase exchange, 2·(3/4) of a payload of about numel/2 bytes
+    # sent per rank and step, plus headers and shards' padding (the all-gather: 3 payloads)
+    wire = max(r["wire"] for r in results) / steps
+    if factory is backup_qsgd:
+        assert all(r["two_phase"] for r in results)
+        assert 0.75 * numel < wire < numel, (wire, numel)
+    else:
+        assert not any(r["two_phase"] for r in results)
 
 
 def plain_sync():
@@ -300,7 +310,7 @@ def _first_n_rows(rank, world_size, size):
             ticket = ex.arrive(step, torch.full((size,), 10 * step + rank + 1, dtype=torch.uint8))
         else:
             ticket = None
-        rows = ex.collect(step)
+        rows, _ = ex.collect(step)
         out.append((ticket, rows.clone()))
         ex.finish(step)
     ex.stop()
@@ -326,6 +336,60 @@ def test_payloads_travel_by_all_gather_not_through_the_store():
     # writes a step's "closed" and "done" keys depends on timing, so the total is compared
     assert sum(r["store_bytes"] for r in small) == sum(r["store_bytes"] for r in large)
     assert sum(r["store_bytes"] for r in large) < 3 * 200
+
+
+def _first_n_two_phase(rank, world_size, size):
+    """The two-phase exchange among 3 ranks, N = 2, rank 2 late at step 1; ``reduce`` sums slots."""
+    init_process_group(rank, world_size)
+    store = dist.PrefixStore(f"two{size}/", dist.distributed_c10d._get_default_store())
+    group = dist.new_group(backend="gloo")
+    seen = {}
+
+    def reduce(step, rows):
+        seen[step] = rows.clone()
+        return rows.sum(dim=0, dtype=torch.uint8)[:8].clone()  # 8 bytes of this rank's share
+
+    ex = FirstNExchange(store, rank, world_size, contributors=2, timeout=30.0, max_lag=4, group=group,
+                        reduce=reduce)
+    ex.start(0)
+    out = []
+    for step in range(3):
+        ex.wait_lag(step)
+        if step == 1 and rank == 2:
+            while not ex.closed(step):
+                time.sleep(0.01)
+        if step == 1 or rank != 2:
+            # slot r (for rank r) holds 10·step + 3·sender + r + 1
+            payload = torch.cat([torch.full((size,), 10 * step + 3 * rank + r + 1, dtype=torch.uint8)
+                                 for r in range(world_size)])
+            ex.arrive(step, payload)
+        rows, reduced = ex.collect(step)
+        out.append((rows.clone(), reduced.clone()))
+        ex.finish(step)
+    ex.stop()
+    dist.barrier()
+    return {"steps": out, "seen": seen, "store_bytes": ex.store_bytes}
+
+
+def test_two_phase_exchange_hands_each_rank_its_slots_and_gathers_the_reductions():
+    small = run_distributed(_first_n_two_phase, 3, 64)
+    large = run_distributed(_first_n_two_phase, 3, 1 << 18)  # several pieces per slot
+    for results, size in ((small, 64), (large, 1 << 18)):
+        for step in range(3):
+            contributors = [s for s in range(3) if results[0]["steps"][step][0][s].any()]
+            assert contributors == [0, 1], (step, contributors)  # rank 2 late or sitting out
+            for r, res in enumerate(results):
+                rows, reduced = res["steps"][step]
+                assert torch.equal(rows, res["seen"][step])  # reduce saw what collect returns
+                assert rows.shape == (3, size)
+                for s in contributors:  # sender s's slot for rank r
+                    assert torch.equal(rows[s], torch.full((size,), 10 * step + 3 * s + r + 1, dtype=torch.uint8))
+                assert not rows[2].any()
+                # every rank holds every rank's reduction, the same rows everywhere
+                assert torch.equal(reduced, results[0]["steps"][step][1])
+                expected = sum(10 * step + 3 * s + r + 1 for s in contributors)
+                assert torch.equal(reduced[r], torch.full((8,), expected, dtype=torch.uint8))
+    assert sum(r["store_bytes"] for r in small) == sum(r["store_bytes"] for r in large)
 
 
 def _monitored(rank, world_size, log_dir):
