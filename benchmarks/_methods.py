@@ -203,14 +203,18 @@ def _codec(spec: str | None) -> tuple[Callable[[], Any], str, bool | None]:
 
 
 def _backup(key: str) -> Method:
-    """``backup<b>[_<codec>]``: BackupWorkers(backups=b), late ranks skip their compute."""
+    """``backup<b>[_<codec>]``: BackupWorkers(backups=b), defaults otherwise.
+
+    The benchmark's models call no collective in ``training_step`` and hold no torchmetrics
+    object, so the default ``skip_late_steps=None`` lets late ranks skip their compute.
+    """
     m = _BACKUP.match(key)
     if m is None:
         raise KeyError(key)
     backups, spec = int(m.group(1)), m.group(2)
     codec, suffix, ef = _codec(spec)
     kwargs: dict[str, Any] = {} if ef is None else {"error_feedback": ef}
-    sync = _sync("BackupWorkers", backups=backups, skip_late_steps=True, timeout=600.0)
+    sync = _sync("BackupWorkers", backups=backups, timeout=600.0)
     build = _compressed(codec, sync=sync, **kwargs)
     return Method(key, f"backup workers b={backups}{suffix}", "lightning_compress", build)
 

@@ -688,8 +688,8 @@ BACKUP_METHODS = {
         True,
     ),
     "backup_noskip": (
-        "BackupWorkers(backups=1), library default skip_late_steps=False, straggler",
-        {"kind": "backup", "backups": 1},
+        "BackupWorkers(backups=1, skip_late_steps=False), straggler",
+        {"kind": "backup", "backups": 1, "skip_late_steps": False},
         True,
     ),
     "sync_nostraggler": ("synchronous, no straggler (reference)", {"kind": "sync"}, False),
@@ -765,7 +765,7 @@ def summarize_backup(data: dict[str, Any]) -> Summary:
     else:
         verdict, why = "not reproduced", "neither faster nor as accurate"
     if not math.isnan(bn) and bn > 0.9 * s:
-        why += "; with the library default (late ranks never skip) the straggler still sets the pace"
+        why += "; with skip_late_steps=False (late ranks never skip) the straggler still sets the pace"
     setting = (
         f"digits CNN, {cfg['world']} ranks (2 + 1 backup) on loopback, rank {cfg['slow_rank']} "
         f"{cfg['slowdown']:g}x slower on "

@@ -237,6 +237,14 @@ class FirstNExchange:
         """Whether ``contributors`` ranks have already arrived at ``step`` (so this one would be dropped)."""
         return self.store.add(f"{step}/arrive", 0) >= self.contributors
 
+    def raise_flag(self, name: str) -> None:
+        """Set the flag ``name`` for every rank to read (it stays set for this run's keys)."""
+        self._set(f"flag/{name}", "1")
+
+    def flagged(self, name: str) -> bool:
+        """Whether any rank raised the flag ``name``."""
+        return self.store.check([f"flag/{name}"])
+
     # 2. arrive
     def arrive(self, step: int, payload: Tensor) -> int:
         """Offer ``payload`` (1-D ``uint8`` on the CPU) for ``step`` and take a ticket.

@@ -5,13 +5,13 @@ to finish their backward pass and drops the other ``b``; a gradient computed for
 never applied at any other step (stale gradients are dropped, as in the paper). One slow machine
 then no longer sets the pace: a step waits for the ``N``-th fastest rank, not the slowest.
 
-Design: tickets through the store, gradients by all-gather from a communication thread
-=====================================================================================
+Design: tickets through the store, gradients by collectives from a communication thread
+======================================================================================
 
 A plain collective waits for every member of its group, so a straggler's *training* thread must
 not be a participant of any collective of the step. Its *communication* thread can be: it is
-idle, and joins each step's collective as soon as the step's contributors are known, with zeros
-if its own rank is not among them. So the payloads move by an all-gather over a gloo group of
+idle, and joins each step's collectives as soon as the step's contributors are known, with zeros
+if its own rank is not among them. So the payloads move by collectives over a gloo group of
 their own, and the store carries only who contributes (``comm/first_n.py``). The step protocol,
 for optimizer step ``s``, on every rank:
 
@@ -19,29 +19,44 @@ for optimizer step ``s``, on every rank:
    last rank to finish it). Fast ranks may run up to ``max_lag`` steps ahead of a straggler;
    this bounds the aggregated steps a slow rank holds and turns a dead rank into a loud timeout.
 1. *Late already?* Read the arrival counter of step ``s``. If ``N`` ranks have already arrived,
-   this rank's gradient would be dropped: with ``skip_late_steps`` it skips ``training_step`` and
-   backward for this step (Lightning's closure is not run) and only applies the aggregate. That
-   is how a rank that fell behind catches up: it replays the steps it missed at the cost of an
-   optimizer step each, like a worker of the paper's parameter server that fetches the newest
-   parameters. (Not in the first two steps of a fit: DDP's one-time bucket rebuild is a
-   broadcast every rank must reach from a computed backward.)
+   this rank's gradient would be dropped: if skipping is on (``skip_late_steps``) it skips
+   ``training_step`` and backward for this step (Lightning's closure is not run) and only
+   applies the aggregate. That is how a rank that fell behind catches up, and why a persistent
+   straggler does not set the pace: it replays the steps it missed at the cost of an optimizer
+   step each, like a worker of the paper's parameter server that fetches the newest parameters.
+   (Not in the first two steps of a fit: DDP's one-time bucket rebuild is a broadcast every rank
+   must reach from a computed backward.) A skipped ``training_step`` must not hold a collective
+   the other ranks wait in: by default (``skip_late_steps=None``) skipping is off for a module
+   that holds torchmetrics objects, and is switched off for the rest of the fit, on every rank,
+   as soon as any rank's ``training_step`` calls a collective of the strategy (``self.log(...,
+   sync_dist=True)``, ``self.all_gather``): that rank raises a store flag before it arrives, and
+   a rank reads the flag after it saw ``N`` arrivals, so it cannot skip a step whose contributors
+   called one.
 2. *Compute, encode, arrive.* Run the closure (forward and backward; the DDP comm hook leaves
    the gradients local) and encode the gradient: tensors below ``min_compression_size`` (and
    every tensor during ``warmup_steps``) as float32, the others with the strategy's codec
    (error feedback as configured), behind a header; the size depends only on the layout and
-   the codec's settings, the same on every rank. Offer it to the communication thread, then
+   the codec's settings, the same on every rank (for the two-phase exchange, ``W`` slots: the
+   header, then shard ``r`` of the dense and of the encoded vector, encoded shard by shard).
+   Offer it to the communication thread, then
    take a ticket with the store's atomic ``add(f"{s}/arrive", 1)``: tickets ``1..N`` are the
    contributors, the same set on every rank. The ``N``-th ticket closes the step and publishes
    the payload size (fixed width: the store carries the same bytes whatever the model).
-3. *All-gather* (communication thread). Once step ``s`` is closed, every rank's thread joins
-   its all-gather: with its payload if it holds one of the ``N`` tickets, else with zeros. A
-   late rank's error-feedback memory is left untouched: its gradient is dropped, not deferred.
-   A gradient holding NaN/Inf is sent as a flagged header: every rank reads it, so all skip the
-   step, or all raise.
-4. *Aggregate.* Every rank decodes the ``N`` contributors' rows, sums them **in rank order**,
-   divides by ``N``, and writes the average into ``.grad``: the same bytes in the same order, so
-   the parameters after ``optimizer.step`` are bit-identical everywhere; gradient clipping and
-   ``on_before_optimizer_step`` see the average, as with DDP.
+3. *Exchange* (communication thread). Once step ``s`` is closed, every rank's thread joins its
+   collectives: with its payload if it holds one of the ``N`` tickets, else with zeros. QSGD
+   and float32 payloads from three ranks on go by the **two-phase exchange** (:attr:`two_phase`):
+   an all-to-all hands rank ``r`` shard ``r`` of every payload; it decodes the contributors'
+   (a zero slot is a late rank's), averages them in rank order, re-encodes the average with the
+   settings in their headers, and an all-gather hands every rank every averaged shard. That is
+   ``2(W−1)/W`` of a payload sent per rank, as without backups. Top-K payloads (which cannot be
+   averaged shard by shard) and two ranks go by one all-gather of every payload. A late rank's
+   error-feedback memory is left untouched: its gradient is dropped, not deferred. A gradient
+   holding NaN/Inf is sent as flagged headers: every rank reads them, so all skip the step, or
+   all raise.
+4. *Aggregate.* Every rank decodes the same bytes in the same order (the averaged shards, or
+   the ``N`` contributors' payloads summed **in rank order** and divided by ``N``) and writes
+   the average into ``.grad``, so the parameters after ``optimizer.step`` are bit-identical
+   everywhere; gradient clipping and ``on_before_optimizer_step`` see the average, as with DDP.
 5. *Finish.* Count this rank as done with step ``s``; the last of the ``W`` ranks deletes the
    step's keys and marks the step finished.
 
@@ -49,18 +64,24 @@ Designs weighed (``docs/backup_workers.md``): contributors allreducing in a sub-
 first ``N`` (a process group per possible contributor set, ``C(W, b)`` of them); a root that
 gathers and broadcasts (a broadcast waits for every receiver, the straggler included); every
 payload through the store (the previous version: ``W·N·P`` bytes per step through rank 0's
-process, unfit for real models).
+process, unfit for real models); every payload all-gathered for every codec (the version
+before this one: ``(W - 1)·P`` per rank, ``W/2`` times the bytes of ``backups=0``; measured
+slower than ``backups=0`` with a straggler, ``docs/backup_workers.md``).
 
 Costs, honestly:
 
-- **Bytes.** Each rank sends its ``P``-byte slot (zeros if late) to the ``W - 1`` others: the
-  all-gather's ``(W - 1)·P`` per rank, spread over every link (a ring), where the two-phase
-  exchange of ``backups=0`` sends ``2(W - 1)/W·P``. The ledger counts the all-gather's bytes.
+- **Bytes.** Two-phase: ``2(W - 1)/W·P`` per rank (``P``: one encoded gradient), as the
+  exchange of ``backups=0``, plus a header per slot and the padding of the shards to whole
+  buckets; a second rounding of the averaged shards (unbiased, not error-fed back), as there.
+  All-gather (Top-K, two ranks): ``(W - 1)·P`` per rank. The ledger counts what is sent.
+- **CPU.** The communication thread decodes ``N`` shards and encodes one per step, on the host
+  (a ``1/W`` share of decoding every payload).
 - **Latency.** A few store round trips per step (lag check, peek, ticket, finish, SIGTERM flag),
   tens of microseconds each on one host, ~0.1-1 ms on a cluster.
 - **Wasted work.** ``b`` gradients per step are computed and dropped (unless a rank is late
   enough to skip), so each step averages ``N`` gradients: the effective batch is ``N·B``.
-- **Memory.** A rank that is behind holds up to ``max_lag`` aggregated steps (``W·P`` bytes each).
+- **Memory.** A rank that is behind holds up to ``max_lag`` exchanged steps (``W·P`` bytes each
+  for an all-gather, about ``2P`` for the two-phase exchange).
 - **GPU (NCCL).** Payloads go device → host → gloo → host → device: the communication thread
   runs gloo on CPU bytes whatever the device (tested on CPU/gloo only).
 
@@ -70,10 +91,12 @@ would make the straggler set the pace again. :meth:`BackupWorkers.setup` replace
 with a store flag (same behaviour: every rank raises ``SIGTERMException`` once rank 0 received
 SIGTERM); and ``fit`` ends by stopping the communication thread and a barrier, so that rank 0,
 which serves the store, does not leave while a slower rank still reads its last steps. DDP's
-buffer broadcast before every forward (models with buffers, e.g. BatchNorm, under ``broadcast_buffers=True``),
-``self.log(..., sync_dist=True)`` in ``training_step``, ``SyncBatchNorm`` and the ``Timer``
-callback are collectives too: they do not deadlock (every rank issues them in the same order),
-but the fast ranks wait for the slow one there. A warning names the buffer case at setup.
+buffer broadcast before every forward (models with buffers, e.g. BatchNorm, under
+``broadcast_buffers=True``), ``self.log(..., sync_dist=True)`` in ``training_step``,
+``SyncBatchNorm`` and the ``Timer`` callback are collectives too: they do not deadlock (every
+rank issues them in the same order, and skipping stops once ``training_step`` calls one, see
+step 1), but the fast ranks wait for the slow one there. A warning names the buffer case at
+setup.
 """
 
 from __future__ import annotations
@@ -81,6 +104,7 @@ from __future__ import annotations
 import ast
 import copy
 import datetime
+import functools
 import logging
 import math
 import time
@@ -90,6 +114,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torchmetrics import Metric
 
 from lightning_compress._compat import default_store, mark_closure_skipped, replace_sigterm_broadcast
 from lightning_compress._lightning import namespace_of
@@ -147,13 +172,17 @@ class BackupWorkers(SyncSchedule):
             for it. Higher absorbs longer stalls (a stall longer than ``max_lag`` fast steps
             paces the others again); lower caps the aggregated steps a slow rank holds
             (``max_lag·W·P`` bytes) and detects a dead rank sooner. Typical 8-64.
-        skip_late_steps: a rank that is already late when a step starts (``N`` ranks have
-            arrived) skips ``training_step`` and backward for that step and only applies the
-            average, which is how it catches up after a stall. Off by default: turn it on only
-            if ``training_step`` issues no collective of its own (no ``self.log(...,
-            sync_dist=True)``, no torchmetrics objects logged from it): a skipped step leaves
-            such collectives unmatched on the other ranks, and the run hangs at the next
-            epoch-end synchronization until the process-group timeout.
+        skip_late_steps: whether a rank that is already late when a step starts (``N`` ranks
+            have arrived) skips ``training_step`` and backward for that step and only applies
+            the average: how it catches up after a stall, and what keeps a persistent straggler
+            from setting the pace. A skipped step leaves any collective of ``training_step``
+            unmatched on the other ranks (``self.log(..., sync_dist=True)``, torchmetrics
+            objects that sync), which would hang the run. ``None`` (default): on, except for a
+            module that holds torchmetrics objects, and switched off for the rest of the fit on
+            every rank once a ``training_step`` calls a collective through the strategy (with a
+            warning). ``True``: always on (you know ``training_step`` issues no collective).
+            ``False``: never (a persistent straggler then sets the pace once it is ``max_lag``
+            steps behind).
 
     Attributes:
         last_step: the last optimizer step aggregated (-1 before the first).
@@ -176,14 +205,14 @@ class BackupWorkers(SyncSchedule):
         backups: int = 1,
         timeout: float | datetime.timedelta | None = None,
         max_lag: int = 32,
-        skip_late_steps: bool = False,
+        skip_late_steps: bool | None = None,
     ) -> None:
         if isinstance(backups, bool) or not isinstance(backups, int) or backups < 0:
             raise ValueError(f"backups must be an integer >= 0 (and < the number of ranks), got {backups!r}")
         if isinstance(max_lag, bool) or not isinstance(max_lag, int) or max_lag < 1:
             raise ValueError(f"max_lag must be an integer >= 1, got {max_lag!r}")
-        if not isinstance(skip_late_steps, bool):
-            raise TypeError(f"skip_late_steps must be True or False, got {skip_late_steps!r}")
+        if skip_late_steps is not None and not isinstance(skip_late_steps, bool):
+            raise TypeError(f"skip_late_steps must be True, False or None (auto), got {skip_late_steps!r}")
         self.backups = backups
         self.timeout = seconds(timeout)
         self.max_lag = max_lag
@@ -207,6 +236,8 @@ class BackupWorkers(SyncSchedule):
         self._names: dict[int, str] = {}
         self._running: int | None = None
         self._fit_steps = 0
+        self._may_skip = False  # this fit: skip_late_steps resolved (None: until a collective is seen)
+        self._in_closure = False
         self._codec: Compressor | None = None
         self._codecs: dict[bytes, Compressor] = {}  # by the settings in the headers (both threads)
         self._seed = 0
@@ -248,6 +279,7 @@ class BackupWorkers(SyncSchedule):
         self._exchange = None
         self._fit_steps = 0
         self._running = None
+        self._may_skip = False
         if self.backups == 0 or world == 1:
             return
         comm = ctx.comm
@@ -277,6 +309,7 @@ class BackupWorkers(SyncSchedule):
         reduce = self._reduce if self.two_phase else None
         self._exchange = FirstNExchange(run_store, self._rank, world, n, timeout, self.max_lag, group, reduce)
         self._replace_sigterm_broadcast(ctx.trainer)
+        self._may_skip = self._resolve_skipping(ctx)
         ddp = ctx.model
         if getattr(ddp, "broadcast_buffers", False) and any(True for _ in model.buffers()):
             log.warning(
@@ -285,6 +318,36 @@ class BackupWorkers(SyncSchedule):
                 "CompressedDDP(..., broadcast_buffers=False) to avoid it (buffers then stay per rank)."
             )
         log.debug(f"{type(self).__name__}: {n} of {world} ranks per step, generation {generation}")
+
+    def _resolve_skipping(self, ctx: SyncContext) -> bool:
+        """Whether late ranks may skip their compute in this fit (the same answer on every rank)."""
+        if self.skip_late_steps is not None:
+            return self.skip_late_steps
+        metrics = sorted({type(m).__name__ for m in ctx.module.modules() if isinstance(m, Metric)})
+        if metrics:
+            log.info(
+                f"BackupWorkers: late ranks do not skip steps: the module holds torchmetrics objects "
+                f"({', '.join(metrics)}), whose synchronization needs every rank's training_step. Pass "
+                "skip_late_steps=True if they never sync during training."
+            )
+            return False
+        _watch_collectives(ctx.trainer.strategy)
+        return True
+
+    def _saw_collective(self, name: str) -> None:
+        """A collective of the strategy was called: inside ``training_step``, skipping ends for this fit."""
+        exchange = self._exchange
+        if not self._in_closure or self.skip_late_steps is not None or exchange is None:
+            return
+        if self._may_skip:
+            self._may_skip = False
+            exchange.raise_flag(COLLECTIVE_FLAG)  # before this rank arrives at the step
+            log.warning(
+                f"BackupWorkers: training_step calls a collective (strategy.{name}, e.g. self.log(..., "
+                "sync_dist=True)); late ranks stop skipping steps, on every rank, so a persistent "
+                "straggler sets the pace once it is max_lag steps behind. Log without sync_dist in "
+                "training_step to keep skipping, or pass skip_late_steps=False to silence this."
+            )
 
     def communicates(self, step: int) -> bool:
         # With backups, the DDP hook leaves gradients local; run_closure exchanges them.
@@ -316,9 +379,16 @@ class BackupWorkers(SyncSchedule):
             comm.decide(comm.last_grad_norm, step)
         skipped = False
         self._fit_steps += 1
-        if self.skip_late_steps and self._fit_steps > NO_SKIP_STEPS and exchange.closed(step):  # 1.
-            skipped = mark_closure_skipped(closure)
-        output = None if skipped else closure()
+        if self._may_skip and self._fit_steps > NO_SKIP_STEPS and exchange.closed(step):  # 1.
+            # the flag is read after the arrivals: a contributor that called a collective in this
+            # step's training_step raised it before it arrived
+            if self.skip_late_steps or not exchange.flagged(COLLECTIVE_FLAG):
+                skipped = mark_closure_skipped(closure)
+        self._in_closure = True
+        try:
+            output = None if skipped else closure()
+        finally:
+            self._in_closure = False
         if not skipped:
             payload, coords_sent = self._encode(ctx, params, step)  # 3. (offered before the ticket)
             ticket = exchange.arrive(step, payload)  # 2.
@@ -725,7 +795,42 @@ class BackupWorkers(SyncSchedule):
 
     def __repr__(self) -> str:
         name = type(self).__name__
-        return f"{name}(backups={self.backups}, timeout={self.timeout}, max_lag={self.max_lag})"
+        return (
+            f"{name}(backups={self.backups}, timeout={self.timeout}, max_lag={self.max_lag}, "
+            f"skip_late_steps={self.skip_late_steps})"
+        )
+
+
+#: the store flag a rank raises when its training_step called a collective (skipping ends)
+COLLECTIVE_FLAG = "collective_in_step"
+#: the strategy's collectives a training_step may call (self.log(sync_dist=True), self.all_gather, ...)
+_STRATEGY_COLLECTIVES = ("reduce", "all_gather", "broadcast", "barrier", "reduce_boolean_decision")
+
+
+def _watch_collectives(strategy: Any) -> None:
+    """Make ``strategy``'s collectives tell its schedule when they are called (once per strategy).
+
+    The wrappers find the schedule at call time (``strategy.sync``), so a later fit with another
+    :class:`BackupWorkers` is watched too; any other schedule ignores them.
+    """
+    if getattr(strategy, "_backup_workers_watch", False):
+        return
+    for name in _STRATEGY_COLLECTIVES:
+        method = getattr(strategy, name, None)
+        if callable(method):
+            setattr(strategy, name, _watched(strategy, name, method))
+    strategy._backup_workers_watch = True
+
+
+def _watched(strategy: Any, name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        sync = getattr(strategy, "sync", None)
+        if isinstance(sync, BackupWorkers):
+            sync._saw_collective(name)
+        return method(*args, **kwargs)
+
+    return call
 
 
 def _flat_grads(params: list[tuple[str, Tensor]], device: torch.device) -> Tensor:

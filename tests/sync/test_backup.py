@@ -383,7 +383,8 @@ def test_two_phase_exchange_hands_each_rank_its_slots_and_gathers_the_reductions
                 assert torch.equal(rows, res["seen"][step])  # reduce saw what collect returns
                 assert rows.shape == (3, size)
                 for s in contributors:  # sender s's slot for rank r
-                    assert torch.equal(rows[s], torch.full((size,), 10 * step + 3 * s + r + 1, dtype=torch.uint8))
+                    expected_slot = torch.full((size,), 10 * step + 3 * s + r + 1, dtype=torch.uint8)
+                    assert torch.equal(rows[s], expected_slot)
                 assert not rows[2].any()
                 # every rank holds every rank's reduction, the same rows everywhere
                 assert torch.equal(reduced, results[0]["steps"][step][1])
@@ -419,6 +420,52 @@ def test_monitor_logs_contributions_and_dropped_ranks(tmp_path):
     assert all(float(r["backup/contributions"]) == 2.0 and float(r["backup/dropped"]) == 1.0 for r in logged)
     # the store exchange went through the codec: the monitor logs its setting as for the hook
     assert all(float(r["comm/bit_width"]) == 4.0 for r in logged), logged[0]
+
+
+class LoggingClassifier(SleepyClassifier):
+    """Logs its loss from training_step (``sync_dist`` as given); ``metric`` adds a torchmetrics object."""
+
+    def __init__(self, sync_dist=False, metric=False):
+        super().__init__()
+        self.sync_dist = sync_dist
+        if metric:
+            from torchmetrics.classification import MulticlassAccuracy
+
+            self.train_acc = MulticlassAccuracy(num_classes=4)
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.log("train_loss", loss, sync_dist=self.sync_dist)
+        return loss
+
+
+def _fit_auto_skip(rank, world_size, variant, steps):
+    pl.seed_everything(0, verbose=False)
+    model = LoggingClassifier(sync_dist=variant == "sync_dist", metric=variant == "metric")
+    strategy = CompressedDDP(compressor=NoCompression(), min_compression_size=256,
+                             sync=BackupWorkers(backups=1, timeout=60))  # skip_late_steps=None
+    probe = Probe([LATE_BEFORE])
+    trainer = pl.Trainer(**trainer_kwargs(world_size, strategy=strategy, max_steps=steps, callbacks=[probe]))
+    trainer.fit(model)
+    skipped = [s for s, row in probe.rows.items() if row["skipped"]]
+    return {"skipped": skipped, "may_skip": strategy.sync._may_skip, "params": flat_params(model)}
+
+
+@pytest.mark.parametrize("variant", ["plain", "sync_dist", "metric"])
+def test_late_ranks_skip_by_default_unless_training_step_may_sync(variant):
+    steps = LATE_BEFORE[0] + 4
+    results = run_distributed(_fit_auto_skip, 3, variant, steps, timeout=120)
+    for r in results[1:]:
+        assert torch.equal(r["params"], results[0]["params"])
+    late = results[LATE_BEFORE[1]]
+    if variant == "plain":
+        # a training_step without collectives: the late rank catches up by skipping its compute
+        assert LATE_BEFORE[0] in late["skipped"], late["skipped"]
+        assert all(r["may_skip"] for r in results)
+    else:
+        # self.log(sync_dist=True) switched skipping off at the first step; a torchmetrics object
+        # kept it off from setup: no rank skipped a step, and the run did not hang
+        assert all(not r["skipped"] and not r["may_skip"] for r in results), results
 
 
 class _RecordingDQ:
