@@ -260,12 +260,14 @@ def test_setup_errors_on_every_rank(factory, message):
     assert all(e is not None and message in e for e in errors), errors
 
 
-def _exchange_with_dead_ranks(rank, world_size):
+def _exchange_with_dead_ranks(rank, world_size, two_phase):
     """Rank 2 joins the groups and then never takes part; ranks 0 and 1 run the protocol."""
     init_process_group(rank, world_size)
     store = dist.PrefixStore("test/", dist.distributed_c10d._get_default_store())
     group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=2))
-    ex = FirstNExchange(store, rank, world_size, contributors=2, timeout=2.0, max_lag=2, group=group)
+    reduce = (lambda step, rows: rows[0].clone()) if two_phase else None
+    ex = FirstNExchange(store, rank, world_size, contributors=2, timeout=2.0, max_lag=2, group=group,
+                        reduce=reduce)
     if rank == 2:
         time.sleep(8)  # alive, but its communication thread never joins a step
         return None
@@ -275,7 +277,7 @@ def _exchange_with_dead_ranks(rank, world_size):
     try:
         for step in range(10):
             ex.wait_lag(step)
-            ex.arrive(step, torch.full((10,), rank, dtype=torch.uint8))
+            ex.arrive(step, torch.full((12,), rank, dtype=torch.uint8))  # 3 slots of 4 bytes
             ex.collect(step)
             ex.finish(step)
     except RuntimeError as err:
@@ -284,10 +286,11 @@ def _exchange_with_dead_ranks(rank, world_size):
     return message
 
 
-def test_a_rank_that_never_joins_fails_loudly_instead_of_hanging():
-    results = run_distributed(_exchange_with_dead_ranks, 3, timeout=60)
+@pytest.mark.parametrize("two_phase", [False, True], ids=["allgather", "two_phase"])
+def test_a_rank_that_never_joins_fails_loudly_instead_of_hanging(two_phase):
+    results = run_distributed(_exchange_with_dead_ranks, 3, two_phase, timeout=60)
     for step, message, seconds in results[:2]:
-        # step 0 closes (two tickets), but its all-gather needs rank 2's slot: it times out
+        # step 0 closes (two tickets), but its collective needs rank 2's slot: it times out
         assert step == 0, message
         assert "step 0" in message, message
         assert seconds < 10
@@ -420,6 +423,40 @@ def test_monitor_logs_contributions_and_dropped_ranks(tmp_path):
     assert all(float(r["backup/contributions"]) == 2.0 and float(r["backup/dropped"]) == 1.0 for r in logged)
     # the store exchange went through the codec: the monitor logs its setting as for the hook
     assert all(float(r["comm/bit_width"]) == 4.0 for r in logged), logged[0]
+
+
+def backup_qsgd_ef():
+    return CompressedDDP(compressor=QSGD(bits=4), error_feedback=True, min_compression_size=256,
+                         sync=BackupWorkers(backups=1, timeout=60))
+
+
+def _fit_and_resume(rank, world_size, ckpt_dir):
+    """Fit 6 steps and save; a new Trainer resumes from the checkpoint and fits to step 12."""
+    import os
+
+    pl.seed_everything(0, verbose=False)
+    path = os.path.join(ckpt_dir, "six.ckpt")
+    first = pl.Trainer(**trainer_kwargs(world_size, strategy=backup_qsgd_ef(), max_steps=6))
+    first.fit(SleepyClassifier())
+    first.save_checkpoint(path)
+    residual = first.strategy.sync.state_dict()["residual"].clone()
+    strategy = backup_qsgd_ef()
+    probe = Probe()
+    second = pl.Trainer(**trainer_kwargs(world_size, strategy=strategy, max_steps=12, callbacks=[probe]))
+    model = SleepyClassifier()
+    second.fit(model, ckpt_path=path)
+    return {"residual": residual, "steps": sorted(probe.rows), "two_phase": strategy.sync.two_phase,
+            "params": flat_params(model), "ledger_steps": strategy.comm_state.ledger.steps}
+
+
+def test_resume_with_the_two_phase_exchange(tmp_path):
+    results = run_distributed(_fit_and_resume, 3, str(tmp_path), timeout=180)
+    for r in results:
+        assert r["two_phase"]
+        assert r["residual"].abs().sum() > 0  # error feedback had something to carry
+        assert r["steps"] == list(range(6, 12))  # resumed at step 6, not from scratch
+        assert torch.isfinite(r["params"]).all()
+        assert torch.equal(r["params"], results[0]["params"])
 
 
 class LoggingClassifier(SleepyClassifier):
