@@ -376,8 +376,8 @@ def _first_n_two_phase(rank, world_size, size):
 
 def test_two_phase_exchange_hands_each_rank_its_slots_and_gathers_the_reductions():
     small = run_distributed(_first_n_two_phase, 3, 64)
-    large = run_distributed(_first_n_two_phase, 3, 1 << 18)  # several pieces per slot
-    for results, size in ((small, 64), (large, 1 << 18)):
+    large = run_distributed(_first_n_two_phase, 3, (1 << 18) + 1000)  # two pieces per slot
+    for results, size in ((small, 64), (large, (1 << 18) + 1000)):
         for step in range(3):
             contributors = [s for s in range(3) if results[0]["steps"][step][0][s].any()]
             assert contributors == [0, 1], (step, contributors)  # rank 2 late or sitting out
