@@ -73,6 +73,7 @@ class Recorder(Callback):
         self.stop_at = int(cfg["steps"])
         self.paused = 0.0
         self._last_due = 0
+        self.backup: dict[str, int] | None = None
 
     def _snapshot(self, module: pl.LightningModule, step: int, clock: float) -> None:
         if module.global_rank == 0 and (not self.snapshots or self.snapshots[-1][0] != step):
@@ -84,10 +85,12 @@ class Recorder(Callback):
             )
             self.paused += time.perf_counter() - t
 
-    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+    def on_before_backward(self, trainer: pl.Trainer, *args: Any) -> None:
+        # an injected straggler (--straggler RANK:MS) computes slowly: it sleeps inside the step's
+        # compute, which a rank that skips a late step (backup workers) does not run
         straggler = self.cfg.get("straggler")
         if straggler and trainer.global_rank == int(straggler[0]):
-            time.sleep(float(straggler[1]) / 1000.0)  # an injected straggler (--straggler RANK:MS)
+            time.sleep(float(straggler[1]) / 1000.0)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.tx0 = _read_counter(self.ifname, "tx_bytes")
@@ -143,6 +146,9 @@ class Recorder(Callback):
         if self.counter is not None:
             self.counter.active = False
         self._snapshot(pl_module, trainer.global_step, self.clock[-1] if self.clock else 0.0)
+        sync = getattr(trainer.strategy, "sync", None)
+        if hasattr(sync, "skipped_total"):  # backup workers: how often this rank was dropped or skipped
+            self.backup = {k: getattr(sync, k) for k in ("dropped_total", "straggled_total", "skipped_total")}
 
     def result(self, task: Any, method: Method | None, n_params: int, world: int) -> dict[str, Any]:
         steps = len(self.step_times)
@@ -174,6 +180,8 @@ class Recorder(Callback):
             "reported": reported,
             "n_params": n_params,
         }
+        if self.backup is not None:
+            out["backup"] = self.backup
         if self.snapshots:
             out["curve"] = [
                 (step, clock, tx, task.evaluate(state)) for step, clock, tx, state in self.snapshots

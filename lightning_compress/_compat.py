@@ -163,6 +163,26 @@ def mark_closure_skipped(closure: Any) -> bool:
     return True
 
 
+def logs_with_sync(trainer: Any) -> bool:
+    """Whether the running loop holds a value logged with ``self.log(..., sync_dist=True)``.
+
+    Reads Lightning's ``trainer._results`` (a ``_ResultCollection``: each entry's
+    ``meta.sync._should``). An entry whose metadata cannot be read counts as synced, and so does
+    a trainer without ``_results``: the caller (backup workers) then assumes a collective and
+    stops skipping steps, the safe side.
+    """
+    if not hasattr(trainer, "_results"):
+        return True
+    results = trainer._results
+    if results is None:
+        return False
+    for entry in results.values():
+        sync = getattr(getattr(entry, "meta", None), "sync", None)
+        if sync is None or getattr(sync, "_should", True):
+            return True
+    return False
+
+
 def should_update_logs(trainer: Any) -> bool:
     """Whether Lightning writes this step's logged values (every ``log_every_n_steps``, the last step).
 

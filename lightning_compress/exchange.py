@@ -452,7 +452,7 @@ def encode_with_feedback(
     config: ExchangeConfig,
     memory: ExchangeMemory,
     generator: torch.Generator | None,
-    shard_numel: int | None = None,
+    shards: tuple[int, int] | None = None,
 ) -> tuple[list[Payload], Callable[[], None]]:
     """Compress ``x`` for a transport other than the DDP hook's (backup workers' first-N exchange).
 
@@ -466,21 +466,25 @@ def encode_with_feedback(
         config: the exchange's settings (whether error feedback is on).
         memory: the error-feedback memory ``e``, laid out over ``x``.
         generator: the rounding generator.
-        shard_numel: ``None``: one payload of all of ``p``. Otherwise ``p`` is padded with zeros
-            to a multiple of ``shard_numel`` and each shard is compressed on its own, in order
-            (the first phase of a two-phase exchange sends shard ``r`` to rank ``r``); the
-            residual is taken against the shards' decodings, trimmed to ``x``'s length.
+        shards: ``None``: one payload of all of ``p``. ``(count, numel)``: ``p`` is padded with
+            zeros to ``count·numel`` elements (at least ``x``'s) and each of the ``count`` shards
+            is compressed on its own, in order (the first phase of a two-phase exchange sends
+            shard ``r`` to rank ``r``); the residual is taken against the shards' decodings,
+            trimmed to ``x``'s length.
 
     Returns:
         ``(payloads, commit)``: one payload, or one per shard.
 
     """
     p = memory.v.compensate(COMPRESSED, x) if config.error_feedback else x
-    if shard_numel is None:
+    if shards is None:
         payloads = [compressor.compress(p, generator)]
     else:
-        padded = torch.nn.functional.pad(p, (0, -p.numel() % shard_numel)) if p.numel() % shard_numel else p
-        payloads = [compressor.compress(shard, generator) for shard in padded.split(shard_numel)]
+        count, numel = shards
+        if count * numel < p.numel():
+            raise ValueError(f"shards: {count} of {numel} elements do not hold {p.numel()}")
+        padded = torch.nn.functional.pad(p, (0, count * numel - p.numel()))
+        payloads = [compressor.compress(shard, generator) for shard in padded.split(numel)]
 
     def commit() -> None:
         if config.error_feedback:

@@ -304,6 +304,27 @@ class CompressedDDPMixin:
         self.comm_state.skipped_steps = int(state["skipped_steps"])
         self.optimizer_steps = int(state["optimizer_steps"])
 
+    # -- the strategy's collectives: the schedule hears of each (backup workers stop skipping) --
+    @override
+    def reduce(self, *args: Any, **kwargs: Any) -> Any:
+        self.sync.on_collective("reduce")
+        return super().reduce(*args, **kwargs)
+
+    @override
+    def all_gather(self, *args: Any, **kwargs: Any) -> Any:
+        self.sync.on_collective("all_gather")
+        return super().all_gather(*args, **kwargs)
+
+    @override
+    def broadcast(self, *args: Any, **kwargs: Any) -> Any:
+        self.sync.on_collective("broadcast")
+        return super().broadcast(*args, **kwargs)
+
+    @override
+    def barrier(self, *args: Any, **kwargs: Any) -> None:
+        self.sync.on_collective("barrier")
+        super().barrier(*args, **kwargs)
+
     @override
     def pre_backward(self, closure_loss: Tensor) -> None:
         # before the backward whose exchange decides whether the step is skipped (in manual

@@ -131,8 +131,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=_straggler,
         default=None,
         metavar="RANK:MS",
-        help="inject a straggler: that rank sleeps MS milliseconds before every training step "
-        "(for backup workers: methods backup<b>[_<codec>], e.g. backup0_q4,backup1_q4)",
+        help="inject a straggler with slow compute: that rank sleeps MS milliseconds in every "
+        "training step it computes, between forward and backward (a rank that skips a late step "
+        "does not sleep); for backup workers: methods backup<b>[_<codec>], e.g. backup0_q4,backup1_q4",
     )
     r.add_argument("--run-timeout", type=float, default=1500.0, help="kill a run after this many seconds")
     r.add_argument("--floor-steps", type=int, default=64, help="steps of the single-process floor run")

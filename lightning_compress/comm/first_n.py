@@ -1,4 +1,4 @@
-"""First-``N``-of-``W`` exchange: the contributors decided through a store, payloads by all-gather.
+"""First-``N``-of-``W`` exchange: the contributors decided through a store, payloads by collectives.
 
 The transport of :class:`~lightning_compress.sync.BackupWorkers` (Chen et al., arXiv 1604.00981),
 free of Lightning and codecs. Two things move, by two routes:
@@ -44,7 +44,7 @@ from torch import Tensor
 from lightning_compress.comm.engine import all_gather_in_pieces, all_to_all_in_pieces
 
 MAGIC = b"BKW3"
-#: the magic of a row of zeros: the all-gather slot of a rank that does not contribute
+#: the magic of a row of zeros: the slot of a rank that does not contribute
 EMPTY = bytes(4)
 # magic, step, rank, flags, dense numel, compressed numel, codec-settings length, and the sender's
 # squared pre-compression norm of the compressed part (what a policy decides the next width from)
@@ -72,7 +72,7 @@ def seconds(timeout: float | datetime.timedelta | None) -> float | None:
 
 
 class FirstNExchange:
-    """First-``N``-of-``W`` exchange: tickets through a ``Store``, payloads by all-gather.
+    """First-``N``-of-``W`` exchange: tickets through a ``Store``, payloads by collectives.
 
     The protocol of :class:`BackupWorkers` (module docstring, steps 0-5) without Lightning or
     codecs. Every rank calls, per step ``s`` and in this order: :meth:`wait_lag`, optionally
@@ -250,7 +250,7 @@ class FirstNExchange:
         """Offer ``payload`` (1-D ``uint8`` on the CPU) for ``step`` and take a ticket.
 
         Tickets ``1..contributors`` contribute: the communication thread sends the payload in the
-        step's all-gather. A later ticket's payload is dropped (the thread sends zeros). The
+        step's exchange. A later ticket's payload is dropped (the thread sends zeros). The
         ``contributors``-th ticket closes the step and publishes the payload size.
         """
         with self._cv:

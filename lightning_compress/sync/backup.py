@@ -28,10 +28,11 @@ for optimizer step ``s``, on every rank:
    must reach from a computed backward.) A skipped ``training_step`` must not hold a collective
    the other ranks wait in: by default (``skip_late_steps=None``) skipping is off for a module
    that holds torchmetrics objects, and is switched off for the rest of the fit, on every rank,
-   as soon as any rank's ``training_step`` calls a collective of the strategy (``self.log(...,
-   sync_dist=True)``, ``self.all_gather``): that rank raises a store flag before it arrives, and
-   a rank reads the flag after it saw ``N`` arrivals, so it cannot skip a step whose contributors
-   called one.
+   as soon as any rank's ``training_step`` calls a collective of the strategy
+   (:meth:`on_collective`: ``self.all_gather``, an on-step ``self.log(..., sync_dist=True)``) or
+   logs a value with ``sync_dist=True`` (an on-epoch one syncs at the epoch's end, among the ranks
+   that logged it): that rank raises a store flag before it arrives, and a rank reads the flag
+   after it saw ``N`` arrivals, so it cannot skip a step whose contributors called one.
 2. *Compute, encode, arrive.* Run the closure (forward and backward; the DDP comm hook leaves
    the gradients local) and encode the gradient: tensors below ``min_compression_size`` (and
    every tensor during ``warmup_steps``) as float32, the others with the strategy's codec
@@ -104,7 +105,6 @@ from __future__ import annotations
 import ast
 import copy
 import datetime
-import functools
 import logging
 import math
 import time
@@ -116,7 +116,12 @@ import torch.distributed as dist
 from torch import Tensor
 from torchmetrics import Metric
 
-from lightning_compress._compat import default_store, mark_closure_skipped, replace_sigterm_broadcast
+from lightning_compress._compat import (
+    default_store,
+    logs_with_sync,
+    mark_closure_skipped,
+    replace_sigterm_broadcast,
+)
 from lightning_compress._lightning import namespace_of
 from lightning_compress.comm.collectives import nonfinite_flag
 from lightning_compress.comm.engine import choose_collective
@@ -171,7 +176,8 @@ class BackupWorkers(SyncSchedule):
         max_lag: how many steps the fastest ranks may run ahead of the slowest before waiting
             for it. Higher absorbs longer stalls (a stall longer than ``max_lag`` fast steps
             paces the others again); lower caps the aggregated steps a slow rank holds
-            (``max_lag·W·P`` bytes) and detects a dead rank sooner. Typical 8-64.
+            (``max_lag`` exchanged steps, about ``2P`` bytes each for the two-phase exchange,
+            ``W·P`` for the all-gather) and detects a dead rank sooner. Typical 8-64.
         skip_late_steps: whether a rank that is already late when a step starts (``N`` ranks
             have arrived) skips ``training_step`` and backward for that step and only applies
             the average: how it catches up after a stall, and what keeps a persistent straggler
@@ -179,8 +185,8 @@ class BackupWorkers(SyncSchedule):
             unmatched on the other ranks (``self.log(..., sync_dist=True)``, torchmetrics
             objects that sync), which would hang the run. ``None`` (default): on, except for a
             module that holds torchmetrics objects, and switched off for the rest of the fit on
-            every rank once a ``training_step`` calls a collective through the strategy (with a
-            warning). ``True``: always on (you know ``training_step`` issues no collective).
+            every rank once a ``training_step`` calls a collective through the strategy or logs
+            with ``sync_dist=True`` (with a warning). ``True``: always on (you know ``training_step`` issues no collective).
             ``False``: never (a persistent straggler then sets the pace once it is ``max_lag``
             steps behind).
 
@@ -302,7 +308,7 @@ class BackupWorkers(SyncSchedule):
         timeout = self.timeout if self.timeout is not None else store.timeout.total_seconds()
         run_store = dist.PrefixStore(f"{generation}/", base)
         n = world - self.backups
-        # the payloads' all-gather runs from a thread of its own, on a gloo group of its own (CPU
+        # the payloads' collectives run from a thread of its own, on a gloo group of its own (CPU
         # bytes whatever the device; never queued behind the training thread's collectives)
         group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout))
         self._codec, self._codecs, self._seed = comm.compressor, {}, comm.seed
@@ -331,10 +337,9 @@ class BackupWorkers(SyncSchedule):
                 "skip_late_steps=True if they never sync during training."
             )
             return False
-        _watch_collectives(ctx.trainer.strategy)
         return True
 
-    def _saw_collective(self, name: str) -> None:
+    def on_collective(self, name: str) -> None:
         """A collective of the strategy was called: inside ``training_step``, skipping ends for this fit."""
         exchange = self._exchange
         if not self._in_closure or self.skip_late_steps is not None or exchange is None:
@@ -343,10 +348,10 @@ class BackupWorkers(SyncSchedule):
             self._may_skip = False
             exchange.raise_flag(COLLECTIVE_FLAG)  # before this rank arrives at the step
             log.warning(
-                f"BackupWorkers: training_step calls a collective (strategy.{name}, e.g. self.log(..., "
-                "sync_dist=True)); late ranks stop skipping steps, on every rank, so a persistent "
-                "straggler sets the pace once it is max_lag steps behind. Log without sync_dist in "
-                "training_step to keep skipping, or pass skip_late_steps=False to silence this."
+                f"BackupWorkers: training_step calls a collective ({name}); late ranks stop skipping "
+                "steps, on every rank, so a persistent straggler sets the pace once it is max_lag steps "
+                "behind. Log without sync_dist in training_step to keep skipping, or pass "
+                "skip_late_steps=False to silence this."
             )
 
     def communicates(self, step: int) -> bool:
@@ -387,6 +392,11 @@ class BackupWorkers(SyncSchedule):
         self._in_closure = True
         try:
             output = None if skipped else closure()
+            watch = self._may_skip and self.skip_late_steps is None
+            if not skipped and watch and logs_with_sync(ctx.trainer):
+                # self.log(..., sync_dist=True) syncs on-epoch values at the epoch's end, on the
+                # ranks that logged them: one that skipped the epoch's steps would not join
+                self.on_collective("self.log(..., sync_dist=True)")
         finally:
             self._in_closure = False
         if not skipped:
@@ -549,8 +559,9 @@ class BackupWorkers(SyncSchedule):
             # known to be applied (see _decode_into); a rank whose ticket comes too late drops it,
             # so its gradient is dropped whole, not carried into a later step through this memory.
             memory = self._memory_for(large, device)
+            shards = None if shard is None else (slots, shard)
             payloads, self._pending = encode_with_feedback(
-                large_flat, codec, comm.config, memory, comm.generator(large_flat.device), shard
+                large_flat, codec, comm.config, memory, comm.generator(large_flat.device), shards
             )
             encoded = [_to_bytes(q.to_bytes()) for q in payloads]
             coords.append((large_flat.numel(), sum(q.nbytes for q in payloads)))
@@ -803,36 +814,6 @@ class BackupWorkers(SyncSchedule):
 
 #: the store flag a rank raises when its training_step called a collective (skipping ends)
 COLLECTIVE_FLAG = "collective_in_step"
-#: the strategy's collectives a training_step may call (self.log(sync_dist=True), self.all_gather, ...)
-_STRATEGY_COLLECTIVES = ("reduce", "all_gather", "broadcast", "barrier", "reduce_boolean_decision")
-
-
-def _watch_collectives(strategy: Any) -> None:
-    """Make ``strategy``'s collectives tell its schedule when they are called (once per strategy).
-
-    The wrappers find the schedule at call time (``strategy.sync``), so a later fit with another
-    :class:`BackupWorkers` is watched too; any other schedule ignores them.
-    """
-    if getattr(strategy, "_backup_workers_watch", False):
-        return
-    for name in _STRATEGY_COLLECTIVES:
-        method = getattr(strategy, name, None)
-        if callable(method):
-            setattr(strategy, name, _watched(strategy, name, method))
-    strategy._backup_workers_watch = True
-
-
-def _watched(strategy: Any, name: str, method: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(method)
-    def call(*args: Any, **kwargs: Any) -> Any:
-        sync = getattr(strategy, "sync", None)
-        if isinstance(sync, BackupWorkers):
-            sync._saw_collective(name)
-        return method(*args, **kwargs)
-
-    return call
-
-
 def _flat_grads(params: list[tuple[str, Tensor]], device: torch.device) -> Tensor:
     """The gradients of ``params`` in one new float32 vector on ``device`` (zeros for a missing one)."""
     if not params:

@@ -67,6 +67,8 @@ class SyncSchedule(DeclaredState):
     - :meth:`run_closure` inside ``optimizer.step``, to run the step's forward and backward and
       leave the gradients the optimizer applies (backup workers exchange them here);
     - :meth:`after_optimizer_step` after each optimizer step (model averaging, slow momentum);
+    - :meth:`on_collective` when anything calls one of the strategy's collectives (Lightning's
+      ``self.log(..., sync_dist=True)``, ``self.all_gather``, callbacks' decisions);
     - :meth:`state_dict` / :meth:`load_state_dict` with every checkpoint (per rank; state is
       declared with :meth:`~lightning_compress.state.DeclaredState.add_state`).
 
@@ -106,6 +108,9 @@ class SyncSchedule(DeclaredState):
 
     def teardown(self) -> None:
         """When the strategy tears down, after a failure too: release threads or groups (no-op)."""
+
+    def on_collective(self, name: str) -> None:
+        """The strategy's collective ``name`` (reduce, all_gather, broadcast, barrier) was called."""
 
     def before_save(self, ctx: SyncContext) -> None:
         """Called before the state is saved (complete pending asynchronous work here)."""

@@ -223,6 +223,30 @@ def test_zero_backups_is_plain_synchronous_training():
     assert zero[0]["rows"][11]["metrics"] == {}  # nothing dropped, no backup figures
 
 
+@pytest.mark.parametrize("n", [1, 511, 2049, 2100, 6000, 18944])
+def test_two_phase_encoding_gives_every_rank_a_shard_and_conserves_the_residual(n):
+    from lightning_compress.exchange import ExchangeConfig, ExchangeMemory, encode_with_feedback
+
+    sync = BackupWorkers(backups=1)
+    sync._world_size = 4
+    codec = QSGD(bits=4)  # shards of whole buckets: multiples of lcm(512, 8) = 512 elements
+    _, shard, _ = sync._shards(0, n, codec)
+    assert shard % 512 == 0 and 4 * shard >= n > 4 * (shard - 512)
+    config = ExchangeConfig.resolve(codec, error_feedback=True)
+    memory = ExchangeMemory()
+    memory.relayout((("w", n),), (), torch.device("cpu"))
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    rounding = torch.Generator().manual_seed(0)
+    payloads, commit = encode_with_feedback(x, codec, config, memory, rounding, (4, shard))
+    assert len(payloads) == 4  # one slot per rank, even when n fills fewer than 4 shards
+    assert all(q.nbytes == codec.payload_nbytes(shard) for q in payloads)
+    commit()
+    decoded = torch.cat([codec.decompress(q).reshape(-1) for q in payloads])
+    assert not decoded[n:].any()  # the padding decodes to zeros
+    # error feedback conserves the gradient: what was sent plus what is kept is what was given
+    torch.testing.assert_close(decoded[:n] + memory.v.residuals["compressed"], x, rtol=0, atol=1e-6)
+
+
 def test_negative_backups_rejected_at_construction():
     with pytest.raises(ValueError, match="backups must be an integer >= 0"):
         BackupWorkers(backups=-1)
@@ -462,9 +486,10 @@ def test_resume_with_the_two_phase_exchange(tmp_path):
 class LoggingClassifier(SleepyClassifier):
     """Logs its loss from training_step (``sync_dist`` as given); ``metric`` adds a torchmetrics object."""
 
-    def __init__(self, sync_dist=False, metric=False):
+    def __init__(self, sync_dist=False, metric=False, on_epoch_only=False):
         super().__init__()
         self.sync_dist = sync_dist
+        self.on_epoch_only = on_epoch_only
         if metric:
             from torchmetrics.classification import MulticlassAccuracy
 
@@ -472,13 +497,17 @@ class LoggingClassifier(SleepyClassifier):
 
     def training_step(self, batch, batch_idx):
         loss = super().training_step(batch, batch_idx)
-        self.log("train_loss", loss, sync_dist=self.sync_dist)
+        if self.on_epoch_only:  # synced at the epoch's end only: no collective inside the step
+            self.log("train_loss", loss, sync_dist=self.sync_dist, on_step=False, on_epoch=True)
+        else:
+            self.log("train_loss", loss, sync_dist=self.sync_dist)
         return loss
 
 
 def _fit_auto_skip(rank, world_size, variant, steps):
     pl.seed_everything(0, verbose=False)
-    model = LoggingClassifier(sync_dist=variant == "sync_dist", metric=variant == "metric")
+    model = LoggingClassifier(sync_dist=variant in ("sync_dist", "epoch_sync_dist"),
+                              metric=variant == "metric", on_epoch_only=variant == "epoch_sync_dist")
     strategy = CompressedDDP(compressor=NoCompression(), min_compression_size=256,
                              sync=BackupWorkers(backups=1, timeout=60))  # skip_late_steps=None
     probe = Probe([LATE_BEFORE])
@@ -488,7 +517,7 @@ def _fit_auto_skip(rank, world_size, variant, steps):
     return {"skipped": skipped, "may_skip": strategy.sync._may_skip, "params": flat_params(model)}
 
 
-@pytest.mark.parametrize("variant", ["plain", "sync_dist", "metric"])
+@pytest.mark.parametrize("variant", ["plain", "sync_dist", "epoch_sync_dist", "metric"])
 def test_late_ranks_skip_by_default_unless_training_step_may_sync(variant):
     steps = LATE_BEFORE[0] + 4
     results = run_distributed(_fit_auto_skip, 3, variant, steps, timeout=120)
@@ -500,7 +529,8 @@ def test_late_ranks_skip_by_default_unless_training_step_may_sync(variant):
         assert LATE_BEFORE[0] in late["skipped"], late["skipped"]
         assert all(r["may_skip"] for r in results)
     else:
-        # self.log(sync_dist=True) switched skipping off at the first step; a torchmetrics object
+        # self.log(sync_dist=True), on step (a reduce inside training_step) or on epoch only (seen
+        # in Lightning's results), switched skipping off at the first step; a torchmetrics object
         # kept it off from setup: no rank skipped a step, and the run did not hang
         assert all(not r["skipped"] and not r["may_skip"] for r in results), results
 
