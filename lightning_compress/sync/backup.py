@@ -186,7 +186,8 @@ class BackupWorkers(SyncSchedule):
             objects that sync), which would hang the run. ``None`` (default): on, except for a
             module that holds torchmetrics objects, and switched off for the rest of the fit on
             every rank once a ``training_step`` calls a collective through the strategy or logs
-            with ``sync_dist=True`` (with a warning). ``True``: always on (you know ``training_step`` issues no collective).
+            with ``sync_dist=True`` (with a warning). ``True``: always on (you know
+            ``training_step`` issues no collective).
             ``False``: never (a persistent straggler then sets the pace once it is ``max_lag``
             steps behind).
 
